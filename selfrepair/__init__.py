@@ -1,0 +1,2 @@
+from .loading import load_model
+from .probe import probe, Backend

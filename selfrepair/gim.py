@@ -1,0 +1,402 @@
+"""GIM (SPEC, "GIM"): backward-only gradient modifications through TransformerLens hooks.
+
+``with gim(model): ...`` leaves every forward value unchanged and changes the
+backward pass of anything computed inside the block:
+
+1. TSG at every attention softmax (and nowhere else): the gradient reaching the
+   scores is ``s * (g - <s, g>)`` with ``s = softmax(a / T)`` and ``g = dm/dp``,
+   with no ``1/T`` factor (as in the paper's code and its package).
+   Where the backend has a live scores site (HF-wrapped bridges, TL 3) an
+   identity function at ``hook_attn_scores`` returns that gradient, with ``g``
+   captured by a second identity at ``hook_pattern``; the pair brackets
+   exactly the softmax. Where it has none (TL 4 native bridges) an identity at
+   ``hook_pattern`` hands the true softmax backward
+   ``g' = s * (g - <s, g>) / p`` (0 where ``p = 0``), ``s = p^(1/T) / sum p^(1/T)``,
+   computed in float32 or better, which the softmax maps to the same result.
+   Masked keys get ``s = 0``: the scores the hook sees are already masked by
+   the backend (-inf in TL 3 / native bridges, the dtype minimum in HF
+   bridges) and the causal mask is applied explicitly on top.
+   A softmax in the user's metric or anywhere else keeps its true gradient:
+   nothing is patched process-wide.
+2. Normalisation freeze: every LayerNorm / RMSNorm scale (``hook_scale``, incl.
+   ``ln_final``) is a constant in the backward pass, through the probe's
+   ``norm_freeze_hooks``: ``hook_scale.detach()``, or, where a bridge would then
+   rebuild the norm output differently (HF Llama bridges), a straight-through
+   edit at ``hook_normalized`` that keeps the value bit-identical. Tests check it
+   against autograd through a hand-built norm with a detached scale.
+3. Gradient multipliers at ``hook_q`` / ``hook_k`` / ``hook_v`` (x 1/4, 1/4, 1/2).
+4. Gated MLPs (SwiGLU, GeGLU): gate and up branch outputs x 1/2 each.
+
+Each component is off when its argument is ``None`` (or ``1`` / ``False``);
+with all off the gradients are exactly plain autograd. The hooks are
+registered directly on the hook points (TSG's pattern hook first, so it sees
+the softmax output before any user edit; every other hook after the user's),
+as permanent hooks owned by the context (a ``model.reset_hooks()`` inside the
+block leaves them), removed on exit also when the block raises; the user's own
+hooks are never touched. On a normal exit it checks that every hook it needed fired in every
+layer a forward pass reached (a forward-free block passes).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+__all__ = ["gim", "GIMHookError", "tsg_scores_grad", "tsg_pattern_grad"]
+
+
+class GIMHookError(RuntimeError):
+    """A hook site GIM needs is missing, or did not fire during a forward pass."""
+
+
+# ----------------------------------------------------------------------------- pure formulas
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bf16/float32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _causal(nq: int, nk: int, device) -> torch.Tensor:
+    """Causal key mask [q, k]: query i (the last nq of nk positions) sees keys j <= i."""
+    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril(diagonal=nk - nq)
+
+
+def tsg_scores_grad(scores: torch.Tensor, grad_pattern: torch.Tensor, temperature: float) -> torch.Tensor:
+    """TSG gradient at the scores: ``s * (g - <s, g>)``, ``s = softmax(a / T)`` over the unmasked keys.
+
+    ``scores`` [..., q, k] are the masked scores (masked entries -inf or very
+    negative); the causal mask is applied on top. Rows without any unmasked
+    key give 0. Computed in float32 or better; returned in that dtype.
+    """
+    cd = _compute_dtype(scores.dtype)
+    a = scores.detach().to(cd)
+    nq, nk = a.shape[-2:]
+    a = a.masked_fill(~_causal(nq, nk, a.device), float("-inf"))
+    s = torch.softmax(a / float(temperature), dim=-1)
+    s = torch.nan_to_num(s, nan=0.0)  # fully masked rows
+    g = grad_pattern.to(cd)
+    return s * (g - (s * g).sum(-1, keepdim=True))
+
+
+def _pattern_softened(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``s = p^(1/T) / sum p^(1/T)`` in float32 or better (0 where p = 0, 0 rows stay 0)."""
+    pf = p.detach().to(_compute_dtype(p.dtype)).clamp_min(0)
+    s = pf.pow(1.0 / float(temperature))
+    tot = s.sum(-1, keepdim=True)
+    return torch.where(tot > 0, s / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(s))
+
+
+def tsg_pattern_grad(pattern: torch.Tensor, grad_pattern: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The pattern gradient ``g' = s * (g - <s, g>) / p`` (0 where p = 0) that the true softmax
+    backward ``p * (g' - <p, g'>)`` maps to the TSG gradient ``s * (g - <s, g>)`` (SPEC, "GIM")."""
+    cd = _compute_dtype(pattern.dtype)
+    pf = pattern.detach().to(cd)
+    s = _pattern_softened(pattern, temperature)
+    g = grad_pattern.to(cd)
+    t = s * (g - (s * g).sum(-1, keepdim=True))
+    pos = pf > 0
+    return torch.where(pos, t / torch.where(pos, pf, torch.ones_like(pf)), torch.zeros_like(t))
+
+
+# ----------------------------------------------------------------------------- autograd pieces
+# Every function is an identity in the forward pass (a clone: bit-identical values, and
+# later in-place edits of the output by a backend stay legal).
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class _Box:
+    """Carries dm/dp from the pattern identity to the scores identity of the same call."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad = None
+
+
+class _CapturePatternGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, box):
+        ctx.box = box
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.box.grad = g
+        return g, None
+
+
+class _TSGAtScores(torch.autograd.Function):
+    """Identity on the scores; backward returns ``s * (g - <s, g>)`` with g from the paired pattern."""
+
+    @staticmethod
+    def forward(ctx, a, box, temperature):
+        ctx.box = box
+        ctx.temperature = temperature
+        ctx.save_for_backward(a.detach().clone())
+        return a.clone()
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        g = ctx.box.grad
+        if g is None:  # the pattern got no gradient: nothing flowed through the softmax
+            return grad_scores, None, None
+        ctx.box.grad = None
+        (a,) = ctx.saved_tensors
+        if g.shape != a.shape:
+            raise GIMHookError(f"TSG: pattern gradient shape {tuple(g.shape)} != scores shape {tuple(a.shape)}; "
+                               "the backend's scores and pattern hooks are not one softmax's input and output.")
+        return tsg_scores_grad(a, g, ctx.temperature).to(grad_scores.dtype), None, None
+
+
+class _TSGAtPattern(torch.autograd.Function):
+    """Identity on the softmax output p; backward hands ``s * (g - <s, g>) / p`` to the softmax."""
+
+    @staticmethod
+    def forward(ctx, p, temperature):
+        ctx.temperature = temperature
+        ctx.save_for_backward(p.detach().clone())
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return tsg_pattern_grad(p, g, ctx.temperature).to(g.dtype), None
+
+
+# ----------------------------------------------------------------------------- hook bookkeeping
+
+
+class _HookSet:
+    """Forward hooks added straight to TL hook points, each removable by its own handle.
+
+    Records which hooks fired; ``check`` raises if a layer a forward pass reached
+    is missing one of its hooks.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.hook_dict = model.hook_dict
+        self.added: List[Tuple[object, object]] = []
+        self.fired: Dict[Tuple[str, str], int] = {}
+        self.layer_of: Dict[Tuple[str, str], Optional[int]] = {}
+
+    def point(self, name: str):
+        hp = self.hook_dict.get(name)
+        if hp is None:
+            raise GIMHookError(
+                f"gim needs the hook {name!r}, which this model does not have. The backend probe named it; "
+                "load the model with selfrepair.load_model, or pass backend= with the right hook names.")
+        return hp
+
+    def add(self, component: str, name: str, layer: Optional[int], fn: Callable, *, prepend: bool = False):
+        hp = self.point(name)
+        key = (component, name)
+        self.fired[key] = 0
+        self.layer_of[key] = layer
+
+        def hook(x, hook):
+            self.fired[key] += 1
+            return fn(x, hook)
+
+        hook.__name__ = f"gim_{component}"
+        before = list(hp.fwd_hooks)
+        handle = hp.add_hook(hook, dir="fwd", is_permanent=True, prepend=prepend)
+        if handle is None:  # TL 3: add_hook returns nothing; find the handle it appended/prepended
+            new = [h for h in hp.fwd_hooks if not any(h is b for b in before)]
+            if len(new) != 1:
+                raise GIMHookError(f"could not identify the hook gim added at {name!r}.")
+            handle = new[0]
+        self.added.append((hp, handle))
+
+    def remove(self):
+        while self.added:
+            hp, handle = self.added.pop()
+            handle.hook.remove()
+            hp.fwd_hooks[:] = [h for h in hp.fwd_hooks if h is not handle]
+
+    def check(self):
+        """Raise if a layer some forward pass reached lacks one of gim's hooks (no forward: pass).
+
+        Hooks outside the blocks (``ln_final``'s scale) are not required: a forward stopped
+        after the last block (``stop_at_layer``) legitimately never reaches them.
+        """
+        reached = {l for k, l in self.layer_of.items() if l is not None and self.fired[k]}
+        missing = [f"{key[0]} at {key[1]!r}" for key, n in self.fired.items()
+                   if not n and self.layer_of[key] in reached]
+        if missing:
+            raise GIMHookError(
+                "gim: a forward pass ran inside the block but these hooks never fired, so their "
+                f"gradient modifications were silently skipped: {', '.join(missing)}. The backend's "
+                "hook names are wrong for this model (check selfrepair.probe(model)).")
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def _off(x) -> bool:
+    return x is None or x is False or (not isinstance(x, bool) and x == 1)
+
+
+def _check_scale(name: str, x) -> Optional[float]:
+    if _off(x):
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
+        raise ValueError(f"gim: {name} must be a finite number (or None / 1 to switch it off); got {x!r}.")
+    return float(x)
+
+
+@contextmanager
+def _tsg(hooks: _HookSet, backend, temperature: float) -> Iterator[None]:
+    site = backend.score_site
+    if site == "scores":
+        if not backend.scores_hook or not getattr(backend, "scores_live", True):
+            raise GIMHookError("gim: the backend reports score_site='scores' but has no live scores hook; "
+                               "TSG cannot be applied there.")
+        pending: Dict[int, _Box] = {}
+
+        def at_scores(layer):
+            def fn(a, hook):
+                box = _Box()
+                pending[layer] = box
+                return _TSGAtScores.apply(a, box, temperature)
+            return fn
+
+        def at_pattern(layer):
+            def fn(p, hook):
+                box = pending.pop(layer, None)
+                if box is None:
+                    raise GIMHookError(f"gim: hook_pattern of layer {layer} fired without its scores hook "
+                                       "firing first; TSG cannot pair the softmax's input and output.")
+                return _CapturePatternGrad.apply(p, box)
+            return fn
+
+        for l in range(backend.n_layers):
+            # scores: after the user's hooks (closest to the softmax); pattern: before them
+            hooks.add("tsg_scores", backend.hook(backend.scores_hook, l), l, at_scores(l))
+            hooks.add("tsg_pattern", backend.hook(backend.pattern_hook, l), l, at_pattern(l), prepend=True)
+        try:
+            yield
+        finally:
+            pending.clear()
+    elif site == "pattern":
+        def fn(p, hook):
+            return _TSGAtPattern.apply(p, temperature)
+
+        for l in range(backend.n_layers):
+            hooks.add("tsg_pattern", backend.hook(backend.pattern_hook, l), l, fn, prepend=True)
+        yield
+    else:
+        raise GIMHookError(f"gim: unknown score_site {site!r} in the backend (expected 'scores' or 'pattern').")
+
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+_NORM_WARNING = re.escape("A forward hook edited hook_scale/hook_normalized on the native-autograd path")
+
+
+@contextmanager
+def _freeze_norm(hooks: _HookSet, model, backend) -> Iterator[None]:
+    """The probe's norm-freeze hooks: ``hook_scale.detach()``, or where the backend would then
+    rebuild the norm output (HF Llama bridges) a straight-through edit at ``hook_normalized``
+    that keeps the forward bit-identical (``probe.norm_freeze_hooks``)."""
+    from .probe import norm_freeze_hooks
+
+    if not tuple(backend.norm_scale_hooks or ()):
+        raise GIMHookError("gim: freeze_norm=True but the backend lists no norm scale hooks (hook_scale); "
+                           "pass freeze_norm=False for a model without normalisation.")
+    for name, fn in norm_freeze_hooks(model, backend):
+        m = _LAYER.match(name)
+        hooks.add("freeze_norm", name, int(m.group(1)) if m else None, fn)
+    with warnings.catch_warnings():
+        # the bridge warns that it rebuilds the norm output from the (detached) hooked scale
+        warnings.filterwarnings("ignore", message=_NORM_WARNING)
+        yield
+
+
+@contextmanager
+def _scale_site(hooks: _HookSet, backend, component: str, template: Optional[str], scale: float) -> Iterator[None]:
+    if not template:
+        raise GIMHookError(f"gim: {component} is on but the backend has no hook for it.")
+    for l in range(backend.n_layers):
+        hooks.add(component, backend.hook(template, l), l, lambda x, hook, s=scale: _ScaleGrad.apply(x, s))
+    yield
+
+
+# ----------------------------------------------------------------------------- public
+
+
+@contextmanager
+def gim(
+    model,
+    *,
+    temperature: Optional[float] = 2.0,
+    freeze_norm: bool = True,
+    q_scale: Optional[float] = 0.25,
+    k_scale: Optional[float] = 0.25,
+    v_scale: Optional[float] = 0.5,
+    gate_scale: Optional[float] = 0.5,
+    up_scale: Optional[float] = 0.5,
+    backend=None,
+) -> Iterator[None]:
+    """GIM backward pass for everything computed inside the block (module docstring; SPEC "GIM").
+
+    ``temperature``: TSG temperature T (> 0); ``freeze_norm``: detach every norm
+    scale; ``q/k/v_scale``: gradient multipliers at ``hook_q/k/v``;
+    ``gate/up_scale``: multipliers on the gated-MLP branches (ignored on models
+    without a gated MLP). ``None`` / ``1`` / ``False`` switches a component off.
+    ``backend`` overrides ``selfrepair.probe(model)``.
+
+    Raises on entry if a needed hook is missing (e.g. a gated MLP whose gate/up
+    branches the probe could not find), and on exit if a forward pass ran but
+    one of the hooks never fired.
+    """
+    T = _check_scale("temperature", temperature)
+    if T is not None and T <= 0:
+        raise ValueError(f"gim: temperature must be > 0 (or None / 1 for no TSG); got {temperature!r}.")
+    if not isinstance(freeze_norm, bool):
+        raise ValueError(f"gim: freeze_norm must be True or False; got {freeze_norm!r}.")
+    scales = {k: _check_scale(k, v) for k, v in
+              dict(q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale).items()}
+    if backend is None:
+        from .probe import probe
+
+        backend = probe(model)
+    if backend.gated_mlp and (scales["gate_scale"] is not None or scales["up_scale"] is not None):
+        missing = [n for n, t in (("gate", backend.gate_hook), ("up", backend.up_hook)) if not t]
+        if missing:
+            raise GIMHookError(
+                f"gim: the model has a gated MLP but the backend found no {' / '.join(missing)} branch hook, "
+                "so the gate/up multipliers cannot be applied. Pass gate_scale=None, up_scale=None to run "
+                "GIM without them, or report the architecture.")
+
+    hooks = _HookSet(model)
+    with ExitStack() as stack:
+        stack.callback(hooks.remove)
+        if T is not None:
+            stack.enter_context(_tsg(hooks, backend, T))
+        if freeze_norm:
+            stack.enter_context(_freeze_norm(hooks, model, backend))
+        for comp, template in (("q_scale", backend.q_hook), ("k_scale", backend.k_hook), ("v_scale", backend.v_hook)):
+            if scales[comp] is not None:
+                stack.enter_context(_scale_site(hooks, backend, comp, template, scales[comp]))
+        if backend.gated_mlp:
+            for comp, template in (("gate_scale", backend.gate_hook), ("up_scale", backend.up_hook)):
+                if scales[comp] is not None:
+                    stack.enter_context(_scale_site(hooks, backend, comp, template, scales[comp]))
+        yield
+        hooks.check()

@@ -1,0 +1,929 @@
+"""Figures of a self-repair study: each function takes a result and returns a plotly Figure.
+
+Nothing here shows a figure or touches the model's hooks: the functions take a
+:class:`~selfrepair.self_repair.SelfRepairResult` (or its ``groups``
+DataFrame, or another table of the study) and return a
+``plotly.graph_objects.Figure``. :func:`save_figure` writes one as interactive
+HTML and as PNG (through kaleido 1.x, which drives a local Chrome/Chromium;
+no network needed).
+
+Sign convention (SPEC): every effect is ``m(clean) - m(ablated)`` in metric
+units (logit difference by default), so a positive effect means the ablation
+lowers the metric. A group self-repairs when its interaction ratio
+``r = (E_S - sum_n E_n) / E_S`` exceeds the threshold (0.1 by default).
+
+The figures:
+
+1. :func:`plot_joint_vs_sum` -- joint ablation effect against the sum of the
+   individual effects, y = x, the threshold band, the top 5% of r (the GIM
+   paper's self-repair figure);
+2. :func:`plot_estimates` -- gradient, TSG and GIM estimates of the joint
+   effect against the measured one, coloured by self-repair;
+3. :func:`plot_head_heatmaps` -- layer x head fraction self-repairing and
+   median interaction;
+4. :func:`plot_threshold_sweep` -- fraction flagged against the threshold,
+   with its 95% interval;
+5. :func:`plot_local_vs_global` -- local against global interaction and the
+   downstream gap;
+6. :func:`plot_head_ranking` -- per head: measured ablation effect beside grad
+   and GIM attribution patching;
+7. :func:`plot_attention_row` -- one self-repairing row: attention weights
+   clean, after each individual ablation and after the joint one
+   (:func:`attention_row_data` recomputes them from the model);
+8. :func:`plot_token_attributions` -- token attributions, grad versus GIM,
+   over one prompt (:func:`token_attribution_table` builds the table).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "plot_joint_vs_sum",
+    "plot_estimates",
+    "plot_head_heatmaps",
+    "plot_threshold_sweep",
+    "plot_local_vs_global",
+    "plot_head_ranking",
+    "attention_row_data",
+    "pick_row",
+    "plot_attention_row",
+    "token_attribution_table",
+    "plot_token_attributions",
+    "save_figure",
+    "save_figures",
+    "FigureExportError",
+    "spearman",
+]
+
+# colours (colour-blind safe: Okabe-Ito)
+SR_COLOR = "#D55E00"  # self-repairing
+NOT_COLOR = "#0072B2"  # not self-repairing
+NAN_COLOR = "#999999"  # ratio undefined
+TOP_COLOR = "#000000"
+GRAD_COLOR = "#0072B2"
+TSG_COLOR = "#009E73"
+GIM_COLOR = "#D55E00"
+MEASURED_COLOR = "#444444"
+
+UNITS = {"logit_diff": "logit difference", "logprob": "log-probability"}
+DEFAULT_SIZE = (1000, 650)
+
+
+class FigureExportError(RuntimeError):
+    """A figure could not be written as PNG (no Chrome/Chromium for kaleido); the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _groups(result) -> pd.DataFrame:
+    """The groups table of a SelfRepairResult or a DataFrame given directly."""
+    df = getattr(result, "groups", result)
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"expected a SelfRepairResult or its groups DataFrame, got {type(result).__name__}")
+    return df
+
+
+def _settings(result) -> dict:
+    """The analysis settings (and its meta: n_layers, n_heads, metric) carried by a result or a table's attrs."""
+    out = {}
+    for obj in (result, getattr(result, "groups", None)):
+        if obj is None:
+            continue
+        for src in (getattr(obj, "meta", None), getattr(obj, "settings", None)):
+            if isinstance(src, Mapping):
+                out.update(src)
+        attrs = getattr(obj, "attrs", None)
+        if isinstance(attrs, Mapping):
+            for key in ("meta", "settings"):
+                if isinstance(attrs.get(key), Mapping):
+                    out.update(attrs[key])
+    return out
+
+
+def _threshold(result, threshold: Optional[float]) -> float:
+    if threshold is not None:
+        return float(threshold)
+    return float(_settings(result).get("threshold", 0.1))
+
+
+def _units(result, units: Optional[str]) -> str:
+    if units:
+        return units
+    s = _settings(result)
+    metric = s.get("metric")
+    if metric is None:
+        task = s.get("task")
+        metric = task.get("metric") if isinstance(task, Mapping) else None
+    return UNITS.get(metric, "logit difference") if isinstance(metric, (str, type(None))) else "metric units"
+
+
+def _require(df: pd.DataFrame, cols: Iterable[str], what: str):
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        hint = ""
+        if any(c.startswith("global") or c == "downstream_gap" for c in missing):
+            hint = " (run analyze_self_repair with global_effects=True)"
+        elif "gim_estimate" in missing:
+            hint = " (run compare_estimates first)"
+        raise ValueError(f"{what} needs the column(s) {', '.join(missing)}{hint}; the table has {', '.join(map(str, df.columns))}")
+
+
+def _keys_str(keys) -> str:
+    try:
+        return "(" + ", ".join(str(int(k)) for k in keys) + ")"
+    except TypeError:
+        return str(keys)
+
+
+def _hover(df: pd.DataFrame, extra: Sequence[tuple[str, str, str]] = ()) -> list[str]:
+    """Hover text per group: prompt, layer, head, query, keys, then ``extra`` (label, column, format)."""
+    out = []
+    cols = {c: df[c].to_numpy() if c in df.columns else None for c in ("prompt", "layer", "head", "query", "keys")}
+    ex = [(lab, df[c].to_numpy(), fmt) for lab, c, fmt in extra if c in df.columns]
+    for i in range(len(df)):
+        parts = []
+        if cols["prompt"] is not None:
+            parts.append(f"prompt {cols['prompt'][i]}")
+        if cols["layer"] is not None and cols["head"] is not None:
+            parts.append(f"L{cols['layer'][i]}H{cols['head'][i]}")
+        if cols["query"] is not None:
+            parts.append(f"query {cols['query'][i]}")
+        if cols["keys"] is not None:
+            parts.append(f"keys {_keys_str(cols['keys'][i])}")
+        s = ", ".join(parts)
+        for lab, vals, fmt in ex:
+            v = vals[i]
+            try:
+                s += f"<br>{lab} = {format(float(v), fmt)}"
+            except (TypeError, ValueError):
+                s += f"<br>{lab} = {v}"
+        out.append(s)
+    return out
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation over pairs where both are finite (NaN with fewer than 3 pairs)."""
+    x = pd.Series(np.asarray(x, dtype=float))
+    y = pd.Series(np.asarray(y, dtype=float))
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return float("nan")
+    return float(x[ok].rank().corr(y[ok].rank()))
+
+
+def _sign_agreement(x, y) -> float:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return float((np.sign(x[ok]) == np.sign(y[ok])).mean()) if ok.any() else float("nan")
+
+
+def _range(*arrays, pad: float = 0.05) -> tuple[float, float]:
+    vals = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return -1.0, 1.0
+    lo, hi = float(vals.min()), float(vals.max())
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    span = hi - lo or 1.0
+    return lo - pad * span, hi + pad * span
+
+
+def _diag(lo: float, hi: float, name: str = "y = x", showlegend: bool = True, **kw) -> go.Scatter:
+    return go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name=name, showlegend=showlegend,
+                      line=dict(color="black", dash="dash", width=1), hoverinfo="skip", **kw)
+
+
+def _base_layout(fig: go.Figure, title: str, size=DEFAULT_SIZE, **kw) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, xanchor="left"), width=size[0], height=size[1],
+                      template="plotly_white", legend=dict(orientation="v"),
+                      hoverlabel=dict(align="left"), **kw)
+    return fig
+
+
+def _seq_sum(col: pd.Series) -> np.ndarray:
+    return np.array([float(np.sum(np.asarray(v, dtype=float))) for v in col], dtype=float)
+
+
+# ----------------------------------------------------------------------------- 1. joint vs sum
+
+
+def plot_joint_vs_sum(result, *, effects: str = "local", threshold: Optional[float] = None,
+                      percentile: float = 95.0, units: Optional[str] = None) -> go.Figure:
+    """Joint ablation effect ``E_S`` against the sum of individual effects ``sum_n E_n``.
+
+    Points on y = x are additive. A group self-repairs (``r > threshold``) when
+    it lies beyond the line ``y = x / (1 - threshold)``, away from y = x; the
+    shaded band between the two lines holds ``0 < r <= threshold``. Groups with
+    ``r`` at or above its ``percentile``-th percentile are ringed. ``effects``:
+    ``"local"`` (softmax part, head-local) or ``"global"`` (real forward passes).
+    """
+    df = _groups(result)
+    t = _threshold(result, threshold)
+    if effects == "local":
+        _require(df, ["effect_sum", "effect_joint", "interaction"], "plot_joint_vs_sum")
+        x, y, r = df["effect_sum"].to_numpy(float), df["effect_joint"].to_numpy(float), df["interaction"].to_numpy(float)
+        sym = "E"
+    elif effects == "global":
+        _require(df, ["global_effects", "global_effect_joint", "global_interaction"], "plot_joint_vs_sum(effects='global')")
+        x = df["global_effect_sum"].to_numpy(float) if "global_effect_sum" in df.columns else _seq_sum(df["global_effects"])
+        y, r = df["global_effect_joint"].to_numpy(float), df["global_interaction"].to_numpy(float)
+        sym = "G"
+    else:
+        raise ValueError(f"effects must be 'local' or 'global', got {effects!r}")
+    u = _units(result, units)
+    defined = np.isfinite(r)
+    sr = defined & (r > t)
+    hover = _hover(df.assign(_x=x, _y=y, _r=r), [(f"sum {sym}_n", "_x", ".4g"), (f"{sym}_S", "_y", ".4g"), ("r", "_r", ".3g")])
+    hover = np.array(hover, dtype=object)
+    lo, hi = _range(x, y)
+
+    fig = go.Figure()
+    if t < 1:
+        # threshold band between y = x and y = x / (1 - t)
+        s = 1.0 / (1.0 - t)
+        xs = np.array([lo, hi])
+        fig.add_trace(go.Scatter(x=np.r_[xs, xs[::-1]], y=np.r_[xs, s * xs[::-1]], fill="toself", mode="lines",
+                                 line=dict(width=0), fillcolor="rgba(230,159,0,0.18)", hoverinfo="skip",
+                                 name=f"0 < r <= {t:g} (below threshold)"))
+        fig.add_trace(go.Scatter(x=xs, y=s * xs, mode="lines", line=dict(color="#E69F00", width=1.5),
+                                 name=f"threshold r = {t:g}: y = x / (1 - {t:g})", hoverinfo="skip"))
+    fig.add_trace(_diag(lo, hi, name="y = x (additive, r = 0)"))
+    for mask, name, color in [(~defined, "ratio undefined (|joint| below floor)", NAN_COLOR),
+                              (defined & ~sr, f"not self-repairing (r <= {t:g})", NOT_COLOR),
+                              (sr, f"self-repairing (r > {t:g})", SR_COLOR)]:
+        if mask.any():
+            fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=f"{name}: {int(mask.sum())}",
+                                     marker=dict(color=color, size=5, opacity=0.65),
+                                     text=hover[mask], hovertemplate="%{text}<extra></extra>"))
+    if defined.sum() >= 1:
+        p = float(np.nanpercentile(r[defined], percentile))
+        top = defined & (r >= p)
+        fig.add_trace(go.Scatter(x=x[top], y=y[top], mode="markers",
+                                 name=f"top {100 - percentile:g}% of r (r >= {p:.3g})",
+                                 marker=dict(symbol="circle-open", size=11, color=TOP_COLOR, line=dict(width=1.5)),
+                                 text=hover[top], hovertemplate="%{text}<extra>top r</extra>"))
+    k = _settings(result).get("k")
+    what = f"top-{k} keys" if k else "top keys"
+    n_def, n = int(defined.sum()), len(df)
+    frac = sr.sum() / n_def if n_def else float("nan")
+    title = (f"Self-repair inside attention: joint vs individual score ablations of the {what} ({effects} effects)"
+             f"<br><sup>{n} groups, {n_def} with a defined ratio; {100 * frac:.1f}% self-repairing (r > {t:g})</sup>")
+    _base_layout(fig, title)
+    fig.update_xaxes(title=f"sum of individual effects  \u03a3 {sym}_n  ({u})", range=[lo, hi], zeroline=True)
+    fig.update_yaxes(title=f"joint effect  {sym}_S  ({u})", range=[lo, hi], zeroline=True)
+    return fig
+
+
+# ----------------------------------------------------------------------------- 2. estimates
+
+
+def plot_estimates(result, *, truth: str = "local", estimates: Optional[Sequence[str]] = None,
+                   threshold: Optional[float] = None, units: Optional[str] = None) -> go.Figure:
+    """Gradient estimates of the joint score ablation against the measured joint effect.
+
+    One panel per estimate (``grad_estimate``, ``tsg_estimate`` and
+    ``gim_estimate`` when present), each with y = x and its Spearman rank
+    correlation and sign agreement in the panel title; points coloured by
+    self-repair. ``truth``: ``"local"`` (``effect_joint``, the softmax part the
+    estimates linearise) or ``"global"`` (``global_effect_joint``).
+    """
+    df = _groups(result)
+    tcol = {"local": "effect_joint", "global": "global_effect_joint"}.get(truth)
+    if tcol is None:
+        raise ValueError(f"truth must be 'local' or 'global', got {truth!r}")
+    if estimates is None:
+        estimates = [c for c in ("grad_estimate", "tsg_estimate", "gim_estimate") if c in df.columns]
+    estimates = list(estimates)
+    _require(df, [tcol, "self_repair", *estimates], "plot_estimates")
+    if not estimates:
+        raise ValueError("plot_estimates: the table has none of grad_estimate, tsg_estimate, gim_estimate")
+    t = _threshold(result, threshold)
+    u = _units(result, units)
+    x = df[tcol].to_numpy(float)
+    sr = df["self_repair"].fillna(False).to_numpy(bool)
+    label = {"grad_estimate": "plain gradient", "tsg_estimate": "TSG (T = {T})", "gim_estimate": "GIM"}
+    T = _settings(result).get("temperature", 2.0)
+    titles = []
+    for c in estimates:
+        rho, sa = spearman(x, df[c]), _sign_agreement(x, df[c])
+        titles.append(f"{label.get(c, c).format(T=T)}<br><sup>Spearman {rho:.2f}, sign agreement {sa:.0%}</sup>")
+    fig = make_subplots(rows=1, cols=len(estimates), subplot_titles=titles, horizontal_spacing=0.07)
+    hover = np.array(_hover(df.assign(_x=x), [("measured", "_x", ".4g"), *[(c, c, ".4g") for c in estimates],
+                                               ("r", "interaction", ".3g")]), dtype=object)
+    for j, c in enumerate(estimates, start=1):
+        y = df[c].to_numpy(float)
+        lo, hi = _range(x, y)
+        fig.add_trace(_diag(lo, hi, showlegend=(j == 1), legendgroup="diag"), row=1, col=j)
+        for mask, name, color in [(~sr, f"not self-repairing (r <= {t:g})", NOT_COLOR),
+                                  (sr, f"self-repairing (r > {t:g})", SR_COLOR)]:
+            if mask.any():
+                fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=name, legendgroup=name,
+                                         showlegend=(j == 1), marker=dict(color=color, size=5, opacity=0.6),
+                                         text=hover[mask], hovertemplate="%{text}<extra></extra>"), row=1, col=j)
+        fig.update_xaxes(title=f"measured joint effect, {truth} ({u})", row=1, col=j)
+        fig.update_yaxes(title=f"estimated joint effect ({u})" if j == 1 else None, row=1, col=j)
+    _base_layout(fig, f"Gradient estimates of the joint score ablation vs the measured {truth} effect "
+                      f"({len(df)} groups)", size=(max(DEFAULT_SIZE[0], 430 * len(estimates)), 560))
+    fig.update_layout(margin=dict(t=120))
+    return fig
+
+
+# ----------------------------------------------------------------------------- 3. heatmaps
+
+
+def _head_table(df: pd.DataFrame, n_layers: int, n_heads: int, col: str = "interaction"):
+    frac = np.full((n_layers, n_heads), np.nan)
+    med = np.full((n_layers, n_heads), np.nan)
+    cnt = np.zeros((n_layers, n_heads), dtype=int)
+    ok = np.isfinite(df[col].to_numpy(float))
+    d = df.loc[ok]
+    for (l, h), g in d.groupby(["layer", "head"]):
+        frac[l, h] = g["self_repair"].astype(bool).mean()
+        med[l, h] = g[col].median()
+        cnt[l, h] = len(g)
+    return frac, med, cnt
+
+
+def plot_head_heatmaps(result, *, n_layers: Optional[int] = None, n_heads: Optional[int] = None,
+                       threshold: Optional[float] = None) -> go.Figure:
+    """Layer x head heatmaps: fraction of groups self-repairing, and median interaction ratio r.
+
+    Fractions are over groups with a defined r (the count is written in each
+    cell); the median is on a diverging scale centred at 0. Empty cells: no
+    group with a defined ratio at that head.
+    """
+    df = _groups(result)
+    _require(df, ["layer", "head", "interaction", "self_repair"], "plot_head_heatmaps")
+    s = _settings(result)
+    n_layers = int(n_layers or s.get("n_layers") or (df["layer"].max() + 1 if len(df) else 1))
+    n_heads = int(n_heads or s.get("n_heads") or (df["head"].max() + 1 if len(df) else 1))
+    t = _threshold(result, threshold)
+    frac, med, cnt = _head_table(df, n_layers, n_heads)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
+                        subplot_titles=(f"fraction self-repairing (r > {t:g}), n groups in each cell",
+                                        "median interaction ratio r (signed)"))
+    heads = [f"H{h}" for h in range(n_heads)]
+    layers = [f"L{l}" for l in range(n_layers)]
+    text = [[("" if cnt[l, h] == 0 else f"{frac[l, h]:.0%}<br>n={cnt[l, h]}") for h in range(n_heads)] for l in range(n_layers)]
+    fig.add_trace(go.Heatmap(z=frac, x=heads, y=layers, zmin=0, zmax=1, colorscale="Viridis", text=text,
+                             texttemplate="%{text}", colorbar=dict(title="fraction", x=0.43, len=0.9),
+                             hovertemplate="%{y}%{x}<br>fraction self-repairing %{z:.1%}<extra></extra>"),
+                  row=1, col=1)
+    m = float(np.nanmax(np.abs(med))) if np.isfinite(med).any() else 1.0
+    text2 = [[("" if cnt[l, h] == 0 else f"{med[l, h]:.2g}") for h in range(n_heads)] for l in range(n_layers)]
+    fig.add_trace(go.Heatmap(z=med, x=heads, y=layers, zmid=0, zmin=-m, zmax=m, colorscale="RdBu_r", text=text2,
+                             texttemplate="%{text}", colorbar=dict(title="median r", x=1.0, len=0.9),
+                             hovertemplate="%{y}%{x}<br>median r %{z:.3g}<extra></extra>"), row=1, col=2)
+    for c in (1, 2):
+        fig.update_xaxes(title="head", row=1, col=c)
+        fig.update_yaxes(title="layer", autorange="reversed", row=1, col=c)
+    _base_layout(fig, f"Where self-repair happens: per layer and head ({int(cnt.sum())} groups with a defined ratio)",
+                 size=(1100, max(420, 110 * n_layers + 200)))
+    return fig
+
+
+# ----------------------------------------------------------------------------- 4. threshold sweep
+
+
+def _sweep_columns(sw: pd.DataFrame) -> tuple[str, str, Optional[str], Optional[str]]:
+    def pick(options):
+        for o in options:
+            if o in sw.columns:
+                return o
+        return None
+
+    tcol = pick(["threshold"])
+    fcol = pick(["fraction", "fraction_self_repairing", "frac"])
+    lo = pick(["ci_low", "fraction_lo", "lo", "low", "lower", "ci_lo"])
+    hi = pick(["ci_high", "fraction_hi", "hi", "high", "upper", "ci_hi"])
+    if tcol is None or fcol is None:
+        raise ValueError(f"a sweep table needs 'threshold' and 'fraction' columns; it has {', '.join(map(str, sw.columns))}")
+    return tcol, fcol, lo, hi
+
+
+DEFAULT_SWEEP = tuple(np.round(np.r_[0.0, np.geomspace(0.01, 2.0, 24)], 4))
+
+
+def _overall_sweep(sw: pd.DataFrame) -> pd.DataFrame:
+    """Keep the overall rows of a sweep table that may also hold per-head rows."""
+    for c in ("layer", "head"):
+        if c in sw.columns:
+            sw = sw[sw[c].isna()] if sw[c].isna().any() else sw
+    return sw
+
+
+def plot_threshold_sweep(result, *, thresholds: Optional[Sequence[float]] = None,
+                         threshold: Optional[float] = None) -> go.Figure:
+    """Fraction of groups flagged self-repairing as a function of the threshold, with its 95% interval.
+
+    ``result``: a SelfRepairResult (its ``sweep(thresholds)`` is called) or a
+    sweep DataFrame (columns ``threshold``, ``fraction`` and the interval).
+    The chosen threshold (0.1 by default) is marked.
+    """
+    t = _threshold(result, threshold)
+    if isinstance(result, pd.DataFrame) and "threshold" in result.columns:
+        sw = result
+    elif hasattr(result, "sweep"):
+        ths = sorted(set(float(v) for v in (thresholds if thresholds is not None else DEFAULT_SWEEP)) | {t})
+        sw = result.sweep(ths)
+    else:
+        raise TypeError("plot_threshold_sweep takes a SelfRepairResult or a sweep DataFrame")
+    sw = _overall_sweep(sw).sort_values(_sweep_columns(sw)[0])
+    tcol, fcol, lo, hi = _sweep_columns(sw)
+    x = sw[tcol].to_numpy(float)
+    f = sw[fcol].to_numpy(float)
+    fig = go.Figure()
+    if lo and hi:
+        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[sw[hi].to_numpy(float), sw[lo].to_numpy(float)[::-1]],
+                                 fill="toself", fillcolor="rgba(0,114,178,0.2)", line=dict(width=0),
+                                 name="95% bootstrap interval", hoverinfo="skip"))
+    extra = ""
+    for c in ("n_defined", "n", "n_groups"):
+        if c in sw.columns:
+            extra = " (%{customdata} groups with a defined ratio)"
+            break
+    fig.add_trace(go.Scatter(x=x, y=f, mode="lines+markers", name="fraction self-repairing", line=dict(color=NOT_COLOR),
+                             customdata=sw[c].to_numpy() if extra else None,
+                             hovertemplate="threshold %{x:.3g}: %{y:.1%}" + extra + "<extra></extra>"))
+    at = f[np.argmin(np.abs(x - t))] if len(x) else float("nan")
+    fig.add_vline(x=t, line=dict(color=SR_COLOR, dash="dash"),
+                  annotation_text=f"threshold {t:g}: {at:.1%}", annotation_position="top right")
+    _base_layout(fig, "How the share of self-repairing groups depends on the threshold on r", size=(900, 520))
+    fig.update_xaxes(title="threshold on the interaction ratio r = (E_S - \u03a3 E_n) / E_S", rangemode="tozero")
+    fig.update_yaxes(title="fraction of groups with r > threshold", range=[0, 1], tickformat=".0%")
+    return fig
+
+
+# ----------------------------------------------------------------------------- 5. local vs global
+
+
+def plot_local_vs_global(result, *, threshold: Optional[float] = None, units: Optional[str] = None) -> go.Figure:
+    """Local (softmax only) against global (real forward) interaction, and the downstream gap.
+
+    Left: ``E_S - sum E_n`` against ``G_S - sum G_n`` in metric units with
+    y = x (points above it gain interaction downstream of the head). Right: the
+    ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)`` per layer.
+    """
+    df = _groups(result)
+    _require(df, ["effect_joint", "effect_sum", "global_effects", "global_effect_joint", "downstream_gap", "self_repair"],
+             "plot_local_vs_global")
+    t = _threshold(result, threshold)
+    u = _units(result, units)
+    x = df["effect_joint"].to_numpy(float) - df["effect_sum"].to_numpy(float)
+    gsum = df["global_effect_sum"].to_numpy(float) if "global_effect_sum" in df.columns else _seq_sum(df["global_effects"])
+    y = df["global_effect_joint"].to_numpy(float) - gsum
+    sr = df["self_repair"].fillna(False).to_numpy(bool)
+    hover = np.array(_hover(df.assign(_x=x, _y=y), [("local E_S - \u03a3E_n", "_x", ".4g"), ("global G_S - \u03a3G_n", "_y", ".4g"),
+                                                     ("r local", "interaction", ".3g"), ("r global", "global_interaction", ".3g"),
+                                                     ("downstream gap", "downstream_gap", ".4g")]), dtype=object)
+    rho = spearman(x, y)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.1,
+                        subplot_titles=(f"interaction in metric units (Spearman {rho:.2f})",
+                                        "downstream gap per layer"))
+    lo, hi = _range(x, y)
+    fig.add_trace(_diag(lo, hi, name="y = x (no downstream change)"), row=1, col=1)
+    for mask, name, color in [(~sr, f"not self-repairing locally (r <= {t:g})", NOT_COLOR),
+                              (sr, f"self-repairing locally (r > {t:g})", SR_COLOR)]:
+        if mask.any():
+            fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=name, legendgroup=name,
+                                     marker=dict(color=color, size=5, opacity=0.6), text=hover[mask],
+                                     hovertemplate="%{text}<extra></extra>"), row=1, col=1)
+    gap = df["downstream_gap"].to_numpy(float)
+    fig.add_trace(go.Box(x=[f"L{l}" for l in df["layer"]], y=gap, name="downstream gap", marker_color=MEASURED_COLOR,
+                         boxpoints="outliers", showlegend=False, text=hover, hovertemplate="%{text}<extra></extra>"),
+                  row=1, col=2)
+    fig.add_hline(y=0, line=dict(color="black", width=1, dash="dot"), row=1, col=2)
+    fig.update_xaxes(title=f"local interaction  E_S - \u03a3 E_n  ({u})", row=1, col=1)
+    fig.update_yaxes(title=f"global interaction  G_S - \u03a3 G_n  ({u})", row=1, col=1)
+    fig.update_xaxes(title="layer of the ablated head", categoryorder="category ascending", row=1, col=2)
+    fig.update_yaxes(title=f"downstream gap ({u})", row=1, col=2)
+    med = float(np.nanmedian(gap)) if np.isfinite(gap).any() else float("nan")
+    _base_layout(fig, "Self-repair inside the head vs in the whole network"
+                      f"<br><sup>{len(df)} groups; median downstream gap {med:.3g} {u}</sup>", size=(1150, 560))
+    fig.update_layout(margin=dict(t=110))
+    return fig
+
+
+# ----------------------------------------------------------------------------- 6. head ranking
+
+
+def _head_columns(df: pd.DataFrame) -> tuple[str, list[tuple[str, str]]]:
+    def pick(options):
+        for o in options:
+            if o in df.columns:
+                return o
+        return None
+
+    measured = pick(["measured", "measured_effect", "effect", "ablation_effect"])
+    if measured is None:
+        raise ValueError(f"a head table needs a measured-effect column ('measured'); it has {', '.join(map(str, df.columns))}")
+    ests = []
+    for label, options in (("grad (attribution patching)", ["grad", "grad_estimate", "atp", "grad_attribution"]),
+                           ("GIM", ["gim", "gim_estimate", "gim_attribution"])):
+        c = pick(options)
+        if c is not None:
+            ests.append((label, c))
+    return measured, ests
+
+
+def plot_head_ranking(heads: pd.DataFrame, *, top: Optional[int] = None, units: str = "logit difference") -> go.Figure:
+    """Per head: the measured effect of ablating it beside its grad and GIM attribution-patching estimates.
+
+    ``heads``: the table of :func:`selfrepair.head_attributions` (one row per
+    layer and head). Heads are sorted by the size of the measured effect
+    ``|measured|`` (largest at the top); the title gives each estimate's
+    Spearman correlation with the measured effects and how many of the top-5
+    heads by ``|measured|`` it also puts in its top 5.
+    """
+    _require(heads, ["layer", "head"], "plot_head_ranking")
+    measured, ests = _head_columns(heads)
+    d = heads.reindex(heads[measured].astype(float).abs().sort_values(ascending=False, kind="stable").index)
+    if top:
+        d = d.head(int(top))
+    d = d.iloc[::-1]  # plotly draws the first category at the bottom
+    names = [f"L{l}H{h}" for l, h in zip(d["layer"], d["head"])]
+    fig = go.Figure()
+    qk = d["via_qk"].to_numpy(float) if "via_qk" in d.columns else None
+    fig.add_trace(go.Bar(y=names, x=d[measured].to_numpy(float), orientation="h", name="measured ablation effect",
+                         marker_color=MEASURED_COLOR, customdata=qk,
+                         hovertemplate="%{y}: measured %{x:.4g}"
+                         + ("<br>of which through later heads' queries/keys: %{customdata:.4g}" if qk is not None else "")
+                         + "<extra></extra>"))
+    info = []
+    def top_set(col):
+        idx = heads[col].astype(float).abs().sort_values(ascending=False, kind="stable").index[:5]
+        return set(zip(heads.loc[idx, "layer"], heads.loc[idx, "head"]))
+
+    top5 = top_set(measured)
+    for (label, c), color in zip(ests, (GRAD_COLOR, GIM_COLOR)):
+        fig.add_trace(go.Bar(y=names, x=d[c].to_numpy(float), orientation="h", name=label, marker_color=color,
+                             hovertemplate="%{y}: " + label + " %{x:.4g}<extra></extra>"))
+        est_top = top_set(c)
+        info.append(f"{label.split(' ')[0]}: Spearman {spearman(heads[measured], heads[c]):.2f}, "
+                    f"top-5 overlap {len(top5 & est_top)}/{len(top5)}")
+    fig.update_layout(barmode="group")
+    _base_layout(fig, "Heads ranked by the measured effect of ablating them (largest |effect| at the top)"
+                      + (f"<br><sup>{'; '.join(info)}</sup>" if info else ""),
+                 size=(950, max(500, 26 * len(d) + 200)))
+    fig.update_xaxes(title=f"effect of ablating the head: m(clean) - m(ablated) ({units})")
+    fig.update_yaxes(title="head (layer, head)")
+    fig.update_layout(margin=dict(t=110))
+    return fig
+
+
+# ----------------------------------------------------------------------------- 7. one row made visible
+
+
+def _token_text(model, ids: Sequence[int], max_len: int = 10) -> list[str]:
+    """Readable text of each token (whitespace made visible, at most ``max_len`` characters); ``#id`` without a tokenizer."""
+    tok = getattr(model, "tokenizer", None)
+    out = []
+    for i in ids:
+        i = int(i)
+        s = None
+        if tok is not None:
+            try:
+                s = tok.decode([i])
+            except Exception:
+                s = None
+        if s is None:
+            s = f"#{i}"
+        s = s.replace("\n", "\u23ce").replace("\t", "\u21e5").replace(" ", "\u00b7")
+        if len(s) > max_len:
+            s = s[: max_len - 1] + "\u2026"
+        out.append(s if s else f"#{i}")
+    return out
+
+
+def pick_row(result, *, prefer: str = "interaction") -> pd.Series:
+    """The self-repairing group with the largest interaction in metric units, ``|E_S - sum E_n|``.
+
+    Falls back to the group with the largest defined r when none self-repairs,
+    and to the first group when no ratio is defined.
+    """
+    df = _groups(result)
+    if len(df) == 0:
+        raise ValueError("the result has no groups to show")
+    sr = df["self_repair"].fillna(False).astype(bool) if "self_repair" in df.columns else pd.Series(False, index=df.index)
+    score = (df["effect_joint"].astype(float) - df["effect_sum"].astype(float)) * np.sign(df["effect_joint"].astype(float))
+    if sr.any():
+        return df.loc[score[sr].idxmax()]
+    r = df["interaction"].astype(float)
+    if r.notna().any():
+        return df.loc[r.idxmax()]
+    return df.iloc[0]
+
+
+def _row_scores(model, task, prompt: int, layer: int, head: int, query: int):
+    """The score row ``a`` (float64, keys 0..query) of one head at one query, from one cached forward.
+
+    :func:`selfrepair.cache.cached_run` reads the backend's live score site, or
+    ``log p`` where the backend only exposes the pattern (the scores up to a
+    per-row constant, which mean ablation and knockout both ignore; SPEC).
+    """
+    import torch
+
+    from .cache import cached_run
+
+    run = cached_run(model, task.subset([prompt]), layers=[layer], backward=False, dtype=torch.float64,
+                     keep=("scores",))
+    return run.scores[layer][0, head, query, : query + 1].cpu()
+
+
+def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Series] = None, *,
+                       ablation: Optional[str] = None, exclude_bos: Optional[bool] = None,
+                       min_weight: float = 0.005, max_keys: int = 40) -> pd.DataFrame:
+    """Attention weights of one analysed row: clean, after each individual ablation, after the joint one.
+
+    Recomputed in closed form from the row's scores (one forward pass of that
+    prompt): ``p = softmax(a)``; mean ablation sets ``a'_j = mean(a_k)`` over
+    the row's unmasked keys (key 0 left out when ``exclude_bos``), knockout
+    removes the keys (SPEC). ``row``: a group (Series/dict with prompt, layer,
+    head, query, keys), its index in ``result.groups``, or None for
+    :func:`pick_row`. Keys whose weight is below ``min_weight`` in every
+    condition are pooled into one "other keys" bar (at most ``max_keys`` keys
+    are shown, the ablated ones always).
+
+    Returns a long table: ``condition, order, position, token, weight,
+    ablated, effect, global_effect`` plus the group's ``prompt, layer, head,
+    query, keys, interaction``.
+    """
+    import torch
+
+    df = _groups(result)
+    s = _settings(result)
+    if row is None:
+        g = pick_row(df)
+    elif isinstance(row, (int, np.integer)):
+        g = df.loc[int(row)]
+    else:
+        g = pd.Series(dict(row))
+    ablation = ablation or s.get("ablation", "mean")
+    exclude_bos = bool(s.get("exclude_bos", False)) if exclude_bos is None else bool(exclude_bos)
+    p_i, l, h, q = int(g["prompt"]), int(g["layer"]), int(g["head"]), int(g["query"])
+    keys = [int(k) for k in g["keys"]]
+    a = _row_scores(model, task, p_i, l, h, q)  # [q + 1], keys 0..q (causal; no padding before the last real token)
+    ref = torch.arange(q + 1)
+    if exclude_bos:
+        ref = ref[ref != 0]
+
+    def ablated(S):
+        b = a.clone()
+        if ablation == "mean":
+            b[S] = a[ref].mean()
+        elif ablation == "knockout":
+            b[S] = -torch.inf
+        else:
+            raise ValueError(f"unknown ablation {ablation!r}; valid: 'mean', 'knockout'")
+        return torch.softmax(b, 0)
+
+    effects = list(np.asarray(g.get("effects", [np.nan] * len(keys)), dtype=float))
+    geff = list(np.asarray(g["global_effects"], dtype=float)) if "global_effects" in g and g["global_effects"] is not None else [np.nan] * len(keys)
+    conds = [("clean run", [], np.nan, np.nan)]
+    for n_, j in enumerate(keys):
+        conds.append((f"ablate key {j}", [j], effects[n_] if n_ < len(effects) else np.nan,
+                      geff[n_] if n_ < len(geff) else np.nan))
+    conds.append((f"ablate keys {_keys_str(keys)} jointly", keys, float(g.get("effect_joint", np.nan)),
+                  float(g.get("global_effect_joint", np.nan)) if "global_effect_joint" in g else np.nan))
+    P = torch.stack([torch.softmax(a, 0) if not S else ablated(S) for _, S, _, _ in conds]).numpy()  # [cond, q+1]
+    show = set(np.nonzero((P >= min_weight).any(0))[0].tolist()) | set(keys)
+    if len(show) > max_keys:
+        rank = np.argsort(-P.max(0))
+        show = set(keys) | set(rank[: max(0, max_keys - len(keys))].tolist())
+    show = sorted(show)
+    text = _token_text(model, task.tokens[p_i, : q + 1].tolist())
+    rows = []
+    for ci, (name, S, e, ge) in enumerate(conds):
+        for j in show:
+            rows.append(dict(condition=name, order=ci, position=j, token=f"{j}: {text[j]}", weight=float(P[ci, j]),
+                             ablated=j in S, effect=e, global_effect=ge))
+        rest = [j for j in range(q + 1) if j not in show]
+        if rest:
+            rows.append(dict(condition=name, order=ci, position=-1, token=f"other keys ({len(rest)})",
+                             weight=float(P[ci, rest].sum()), ablated=False, effect=e, global_effect=ge))
+    out = pd.DataFrame(rows)
+    out["prompt"], out["layer"], out["head"], out["query"] = p_i, l, h, q
+    out["keys"] = _keys_str(keys)
+    out["query_token"] = text[q]
+    out["interaction"] = float(g.get("interaction", np.nan))
+    out["ablation"] = ablation
+    return out
+
+
+def plot_attention_row(data, model=None, task=None, row=None, *, units: str = "logit difference") -> go.Figure:
+    """One analysed row made visible: bars of attention weight over the context tokens, per condition.
+
+    Panels from top: the clean run, each individual ablation, the joint
+    ablation; ablated keys in orange. Each panel states its effect on the
+    metric (local, and global when measured), so the reader sees the softmax
+    hand the weight of an ablated key to the others and the joint ablation
+    cost more than the individual ones added up. ``data``: the table of
+    :func:`attention_row_data`, or a result (then ``model`` and ``task`` are
+    needed to recompute the row).
+    """
+    if not (isinstance(data, pd.DataFrame) and "condition" in data.columns):
+        if model is None or task is None:
+            raise ValueError("plot_attention_row needs the attention_row_data table, or a result with model= and task=")
+        data = attention_row_data(model, task, data, row)
+    conds = data.drop_duplicates("order").sort_values("order")
+    nrow = len(conds)
+    first = data.iloc[0]
+    titles = []
+    for _, c in conds.iterrows():
+        if c["order"] == 0:
+            titles.append("clean run")
+        else:
+            t = f"{c['condition']}: effect {c['effect']:.3g} {units}"
+            if np.isfinite(c["global_effect"]):
+                t += f" (global {c['global_effect']:.3g})"
+            titles.append(t)
+    fig = make_subplots(rows=nrow, cols=1, shared_xaxes=True, vertical_spacing=0.045, subplot_titles=titles)
+    clean = data[data["order"] == conds["order"].iloc[0]].set_index("token")["weight"]
+    for i, (_, c) in enumerate(conds.iterrows(), start=1):
+        d = data[data["order"] == c["order"]]
+        d = pd.concat([d[d["position"] >= 0].sort_values("position"), d[d["position"] < 0]])
+        colors = [SR_COLOR if a else (NAN_COLOR if pos < 0 else NOT_COLOR) for a, pos in zip(d["ablated"], d["position"])]
+        w = d["weight"].to_numpy(float)
+        fig.add_trace(go.Bar(x=d["token"], y=w, marker_color=colors, name=c["condition"], showlegend=False,
+                             text=[f"{v:.2f}" if v >= 0.05 else "" for v in w], textposition="outside",
+                             hovertemplate="key %{x}<br>attention weight %{y:.3f}<extra>" + c["condition"] + "</extra>"),
+                      row=i, col=1)
+        abl = d[d["ablated"].astype(bool)]
+        if len(abl):  # where the ablated keys' weight was in the clean run
+            fig.add_trace(go.Bar(x=abl["token"], y=clean.reindex(abl["token"]).to_numpy(float), showlegend=(i == 2),
+                                 name="clean weight of an ablated key", legendgroup="ghost",
+                                 marker=dict(color="rgba(0,0,0,0)", line=dict(color=SR_COLOR, width=2)),
+                                 hovertemplate="key %{x}<br>clean weight %{y:.3f}<extra>before ablation</extra>"),
+                          row=i, col=1)
+        fig.update_yaxes(title="attention weight", range=[0, 1.15 * max(1e-9, data["weight"].max())], row=i, col=1)
+    fig.update_layout(barmode="overlay", legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right"))
+    fig.update_xaxes(title="key position: token (orange: the ablated keys)", tickangle=-60, row=nrow, col=1)
+    e_sum = conds["effect"].iloc[1:-1].sum()
+    e_joint = conds["effect"].iloc[-1]
+    title = (f"Softmax hands the weight over: prompt {first['prompt']}, L{first['layer']}H{first['head']}, "
+             f"query {first['query']} ({first['query_token']!r}), keys {first['keys']}"
+             f"<br><sup>{first['ablation']} ablation of the scores; sum of individual effects {e_sum:.3g}, "
+             f"joint {e_joint:.3g} {units}, r = {first['interaction']:.3g}</sup>")
+    _base_layout(fig, title, size=(1200, 190 * nrow + 230))
+    fig.update_layout(margin=dict(t=110, b=140))
+    return fig
+
+
+# ----------------------------------------------------------------------------- 8. token attributions
+
+
+def token_attribution_table(model, task, attributions: Mapping[str, Any], prompts: Optional[Sequence[int]] = None) -> pd.DataFrame:
+    """Long table of token attributions: ``prompt, position, token, is_metric_position`` and one column per method.
+
+    ``attributions``: ``{"grad": [batch, pos] tensor, "gim": ...}`` as
+    :func:`selfrepair.explain` returns them. Padding is dropped; positions after
+    the metric position are kept (their attribution is 0 in a causal model).
+    """
+    prompts = range(len(task)) if prompts is None else prompts
+    rows = []
+    mats = {k: np.asarray(v.detach().float().cpu() if hasattr(v, "detach") else v, dtype=float)
+            for k, v in attributions.items()}
+    for p in prompts:
+        n = int(task.lengths[p])
+        ids = task.tokens[p, :n].tolist()
+        text = _token_text(model, ids)
+        mpos = int(task.positions[p])
+        for j in range(n):
+            r = dict(prompt=int(p), position=j, token_id=int(ids[j]), token=text[j], is_metric_position=(j == mpos))
+            for k, m in mats.items():
+                r[k] = float(m[p, j])
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def plot_token_attributions(table: pd.DataFrame, prompt: Optional[int] = None, *, methods: Optional[Sequence[str]] = None,
+                            window: int = 48, units: str = "logit difference") -> go.Figure:
+    """Token attributions of one prompt, grad versus GIM, one panel per method over the prompt text.
+
+    Shows the ``window`` tokens up to and including the metric position
+    (marked). ``table``: from :func:`token_attribution_table`. ``prompt``:
+    which prompt (default: the first in the table).
+    """
+    _require(table, ["prompt", "position", "token"], "plot_token_attributions")
+    prompt = int(table["prompt"].iloc[0]) if prompt is None else int(prompt)
+    d = table[table["prompt"] == prompt].sort_values("position")
+    if d.empty:
+        raise ValueError(f"prompt {prompt} is not in the attribution table")
+    if methods is None:
+        methods = [c for c in ("grad", "gim") if c in d.columns]
+    if not methods:
+        raise ValueError("the attribution table has no 'grad' or 'gim' column")
+    mpos = int(d.loc[d["is_metric_position"].astype(bool), "position"].iloc[0]) if "is_metric_position" in d else int(d["position"].max())
+    d = d[(d["position"] <= mpos) & (d["position"] > mpos - window)]
+    labels = [f"{p}: {t}" for p, t in zip(d["position"], d["token"])]
+    label = {"grad": "plain gradient x (e - e_baseline)", "gim": "GIM gradient x (e - e_baseline)"}
+    fig = make_subplots(rows=len(methods), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[f"{label.get(m, m)}: total {d[m].sum():.3g} {units}" for m in methods])
+    for i, m in enumerate(methods, start=1):
+        v = d[m].to_numpy(float)
+        colors = [GIM_COLOR if x >= 0 else GRAD_COLOR for x in v]
+        fig.add_trace(go.Bar(x=labels, y=v, marker_color=colors, name=m, showlegend=False,
+                             hovertemplate="%{x}<br>" + m + " attribution %{y:.4g}<extra></extra>"), row=i, col=1)
+        fig.update_yaxes(title=f"attribution ({units})", row=i, col=1)
+    fig.add_vline(x=labels[-1], line=dict(color="black", dash="dot"))
+    fig.update_xaxes(title="position: token (last = metric position)", tickangle=-60, row=len(methods), col=1)
+    _base_layout(fig, f"Token attributions for prompt {prompt}, grad vs GIM (last {len(d)} tokens up to the metric position)"
+                      "<br><sup>positive (orange) pushes the metric up; blue pushes it down</sup>",
+                 size=(1300, 260 * len(methods) + 300))
+    fig.update_layout(margin=dict(t=110, b=150))
+    return fig
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _atomic_write_text(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _html(fig: go.Figure, path: Path, include_plotlyjs):
+    if include_plotlyjs == "directory":
+        js = path.parent / "plotly.min.js"
+        if not js.exists():
+            from plotly.offline import get_plotlyjs
+
+            _atomic_write_text(js, get_plotlyjs())
+    _atomic_write_text(path, fig.to_html(include_plotlyjs=include_plotlyjs, full_html=True))
+
+
+def _png_sizes(fig: go.Figure) -> tuple[int, int]:
+    return int(fig.layout.width or DEFAULT_SIZE[0]), int(fig.layout.height or DEFAULT_SIZE[1])
+
+
+def _write_pngs(figs: Sequence[go.Figure], paths: Sequence[Path], scale: float):
+    import plotly.io as pio
+
+    tmps = [p.with_name(f".{p.name}.tmp.png") for p in paths]
+    try:
+        try:
+            pio.write_images(list(figs), [str(t) for t in tmps], format="png", scale=scale,
+                             width=[_png_sizes(f)[0] for f in figs], height=[_png_sizes(f)[1] for f in figs])
+        except Exception as e:  # kaleido raises its own ChromeNotFoundError etc.
+            name = type(e).__name__
+            if "Chrome" in name or "chrome" in str(e).lower() or "browser" in str(e).lower():
+                raise FigureExportError(
+                    f"PNG export needs Chrome or Chromium for kaleido ({name}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    "install one (Debian/Ubuntu: apt-get install -y chromium) or skip PNGs with --no-png") from e
+            raise
+        for t, p in zip(tmps, paths):
+            os.replace(t, p)
+    finally:
+        for t in tmps:
+            if t.exists():
+                t.unlink()
+
+
+def save_figure(fig: go.Figure, path_stem: Union[str, Path], *, png: bool = True, html: bool = True,
+                include_plotlyjs: Union[bool, str] = "directory", scale: float = 1.0) -> list[Path]:
+    """Write ``fig`` as ``<path_stem>.html`` (interactive) and ``<path_stem>.png`` (static); returns the paths.
+
+    Each file is written under a temporary name and renamed when complete.
+    HTML: ``include_plotlyjs="directory"`` (default) writes ``plotly.min.js``
+    once beside the files so they open offline; ``"cdn"`` keeps them small but
+    needs network to view; ``True`` embeds plotly.js in every file. PNG: at the
+    figure's layout width x height times ``scale`` pixels, rendered by kaleido
+    through a local Chrome/Chromium (offline).
+    """
+    return save_figures({Path(path_stem).name: fig}, Path(path_stem).parent, png=png, html=html,
+                        include_plotlyjs=include_plotlyjs, scale=scale)
+
+
+def save_figures(figs: Mapping[str, go.Figure], out_dir: Union[str, Path], *, png: bool = True, html: bool = True,
+                 include_plotlyjs: Union[bool, str] = "directory", scale: float = 1.0) -> list[Path]:
+    """Write every ``{name: figure}`` as ``out_dir/name.html`` and ``out_dir/name.png`` (one browser start for all PNGs)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if html:
+        for name, fig in figs.items():
+            p = out_dir / f"{name}.html"
+            _html(fig, p, include_plotlyjs)
+            written.append(p)
+    if png and figs:
+        paths = [out_dir / f"{name}.png" for name in figs]
+        _write_pngs(list(figs.values()), paths, scale)
+        written.extend(paths)
+    return written
