@@ -14,13 +14,16 @@ start=$(date +%s)
 if [ ! -x .tl3venv/bin/python ]; then
     "$PY" -m venv .tl3venv
 fi
-PIP=".tl3venv/bin/python -m pip"
+pip_q() {  # quiet pip, minus the harmless notes about the local package indexes
+    .tl3venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "requires transformer-lens>=4" || true; }
+    return "${PIPESTATUS[0]}"
+}
 # torch first: on CPU machines this is the local CPU wheel (an unpinned torch would pull CUDA builds)
-$PIP install -q "torch==2.13.0"
-$PIP install -q "transformer-lens==${TL3_VERSION}" pytest
+pip_q "torch==2.13.0"
+pip_q "transformer-lens==${TL3_VERSION}" pytest
 # our package without its TL 4 pin, plus its light dependencies
-$PIP install -q --no-deps -e .
-$PIP install -q einops jaxtyping pandas pyarrow tqdm plotly
+pip_q --no-deps -e .
+pip_q einops jaxtyping pandas pyarrow tqdm plotly
 
 .tl3venv/bin/python -c "import transformer_lens, importlib.metadata as m; from transformer_lens import HookedTransformer; print('transformer-lens', m.version('transformer-lens'))"
 # -o addopts= : the project's pytest config ignores tests/tl3 in the main suite

@@ -412,7 +412,7 @@ def head_attributions(
     only through values, MLPs and the residual stream; ``via_qk = measured -
     measured_frozen_qk`` is the part that acts through later heads' queries and
     keys (a previous-token head feeding an induction head), ``qk_share = via_qk
-    / measured``.
+    / measured``, ``acts_via_qk = |via_qk| > |measured| / 2``.
 
     Returns one row per (layer, head) with means over prompts and ranks by
     ``|value|`` (1 = largest) of ``measured``, ``grad_estimate`` and
@@ -471,6 +471,7 @@ def head_attributions(
     tiny = agg["measured"].abs() < 1e-12
     if frozen_qk:
         agg["qk_share"] = (agg["via_qk"] / agg["measured"]).where(~tiny)
+        agg["acts_via_qk"] = agg["via_qk"].abs() > 0.5 * agg["measured"].abs()
     agg["grad_ratio"] = (agg["grad_estimate"] / agg["measured"]).where(~tiny)
     agg["gim_ratio"] = (agg["gim_estimate"] / agg["measured"]).where(~tiny)
     for col, rk in (("measured", "rank_measured"), ("grad_estimate", "rank_grad"), ("gim_estimate", "rank_gim")):

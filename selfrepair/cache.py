@@ -29,6 +29,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ._typing import Bool, Float, Int, Tensor
@@ -58,6 +59,19 @@ class CachedRun:
     @property
     def batch(self) -> int:
         return int(self.metric.shape[0])
+
+    def rows(self, prompt, layer: int, head, query) -> tuple:
+        """The tensors of rows ``(prompt, layer, head, query)`` (prompt indices within this run), shaped for
+        ``selfrepair.self_repair.local_effects``: ``(scores [R, n], values [R, n, d_head], grad [R, d_head],
+        mask [R, n])``. ``layer`` is one int; the others are ints or 1-D integer tensors."""
+        if layer not in self.scores or layer not in self.values:
+            raise KeyError(f"layer {layer} was not cached with scores and values (cached: {list(self.scores)}).")
+        dev = self.metric.device
+        b, h, q = (torch.tensor(np.asarray(x), dtype=torch.long, device=dev).reshape(-1) for x in (prompt, head, query))
+        scores = self.scores[layer][b, h, q]
+        values = self.values[layer][b, :, h]
+        grad = self.grad_z[layer][b, q, h] if self.grad_z is not None else None
+        return scores, values, grad, self.mask[b, q]
 
 
 def key_mask(task: Task, n: Optional[int] = None) -> Bool[Tensor, "batch qpos kpos"]:

@@ -75,7 +75,8 @@ ANALYSIS_HELP = {
     "layers": "analyse only these layers (space- or comma-separated; default all)",
     "heads": "analyse only these heads (space- or comma-separated; default all)",
     "temperature": "TSG temperature T for the tsg/gim estimates",
-    "batch_size": "prompts per batch (each batch is one checkpoint; default: all at once)",
+    "batch_size": "prompts per batch; each batch is one checkpoint that --resume keeps (default: sized from the "
+                  "memory a batch needs, at most 64 prompts)",
     "checkpoint_dir": "where partial results are kept batch by batch (default: <out>/checkpoints/self_repair)",
     "progress": "show progress bars",
     "dtype": "precision of the cached activations: float32, or float64 for exactness checks (row arithmetic is "
@@ -831,23 +832,21 @@ def headline(tables: dict, settings: dict) -> dict:
     h: dict[str, Any] = {"groups": int(len(g)), "groups_defined": n_def, "groups_undefined": int(len(g) - n_def),
                          "threshold": t}
     sw = plots._overall_sweep(tables["sweep"])
-    tcol, fcol, lo, hi = plots._sweep_columns(sw)
 
     def at(th):
-        row = sw.iloc[(sw[tcol].astype(float) - th).abs().argsort().iloc[0]]
-        return {"threshold": float(row[tcol]), "fraction": float(row[fcol]),
-                "ci_low": float(row[lo]) if lo else None, "ci_high": float(row[hi]) if hi else None}
+        row = sw.iloc[(sw["threshold"].astype(float) - th).abs().argsort().iloc[0]]
+        return {k: float(row[k]) for k in ("threshold", "fraction", "ci_low", "ci_high")}
 
     h["self_repairing"] = at(t) if len(sw) else None
     h["sweep"] = [at(th) for th in SUMMARY_THRESHOLDS] if len(sw) else []
     if len(g) and n_def:
         d = g[np.isfinite(r)]
-        per = d.groupby(["layer", "head"]).agg(n=("self_repair", "size"), fraction=("self_repair", "mean"),
-                                               median_r=("interaction", "median")).reset_index()
+        hs = tables["head_summary"]  # result.summary(): per head, fraction with its bootstrap interval
         min_n = max(5, int(0.01 * n_def))
-        per = per[per["n"] >= min_n].sort_values(["fraction", "n"], ascending=False).head(3)
-        h["top_heads"] = [{"layer": int(x.layer), "head": int(x.head), "fraction": float(x.fraction), "n": int(x.n),
-                           "median_r": float(x.median_r)} for x in per.itertuples()]
+        hs = hs[hs["n_defined"] >= min_n].sort_values(["frac_self_repair", "n_defined"], ascending=False).head(3)
+        h["top_heads"] = [{"layer": int(x.layer), "head": int(x.head), "fraction": float(x.frac_self_repair),
+                           "ci_low": float(x.ci_low), "ci_high": float(x.ci_high), "n": int(x.n_defined),
+                           "median_r": float(x.median_interaction)} for x in hs.itertuples()]
         h["top_heads_min_groups"] = min_n
         rep = tables.get("estimates")
         if rep is not None and len(rep):  # compare_estimates' own statistics, all groups
@@ -868,8 +867,8 @@ def headline(tables: dict, settings: dict) -> dict:
             h["downstream_gap_median"] = float(g["downstream_gap"].median())
     if "heads" in tables:
         hd = tables["heads"]
-        meas, ests = plots._head_columns(hd)
-        h["head_ranking_spearman"] = {lab.split(" ")[0]: plots.spearman(hd[meas], hd[c]) for lab, c in ests}
+        h["head_ranking_spearman"] = {name: plots.spearman(hd["measured"], hd[f"{name}_estimate"])
+                                      for name in ("grad", "gim")}
     return h
 
 
@@ -879,12 +878,13 @@ def format_summary(h: dict, context: str) -> str:
                  f"{h['groups_undefined']} below the effect floor)")
     sr = h.get("self_repairing")
     if sr:
-        ci = f" [95% CI {sr['ci_low']:.1%}, {sr['ci_high']:.1%}]" if sr.get("ci_low") is not None else ""
+        ci = f" [95% CI {sr['ci_low']:.1%}, {sr['ci_high']:.1%}]"
         lines.append(f"self-repairing (r > {h['threshold']:g}): {sr['fraction']:.1%}{ci}")
         lines.append("over the sweep: " + ", ".join(f"r > {s['threshold']:g}: {s['fraction']:.1%}" for s in h["sweep"]))
     if h.get("top_heads"):
         lines.append(f"top self-repairing heads (>= {h['top_heads_min_groups']} groups): " + ", ".join(
-            f"L{x['layer']}H{x['head']} {x['fraction']:.0%} of {x['n']} (median r {x['median_r']:.2f})" for x in h["top_heads"]))
+            f"L{x['layer']}H{x['head']} {x['fraction']:.0%} [{x['ci_low']:.0%}, {x['ci_high']:.0%}] of {x['n']}"
+            f" (median r {x['median_r']:.2f})" for x in h["top_heads"]))
     if h.get("value_similarity_median"):
         v = h["value_similarity_median"]
         lines.append(f"value similarity (median): self-repairing {v['self_repairing']:.2f}, other {v['other']:.2f}")

@@ -319,6 +319,11 @@ def _freeze_norm(hooks: _HookSet, model, backend) -> Iterator[None]:
     if not tuple(backend.norm_scale_hooks or ()):
         raise GIMHookError("gim: freeze_norm=True but the backend lists no norm scale hooks (hook_scale); "
                            "pass freeze_norm=False for a model without normalisation.")
+    err = float(getattr(backend, "norm_detach_rel_err", 0.0) or 0.0)
+    if getattr(backend, "norm_freeze_method", "detach_scale") == "detach_scale" and err > 1e-6:
+        warnings.warn(f"gim: freezing the norms moves this model's logits by {err:.2g} (relative), more than the "
+                      "1e-6 SPEC allows: the backend rebuilds the norm from the detached scale in other "
+                      "arithmetic. Gradients are still those of a frozen scale.")
     for name, fn in norm_freeze_hooks(model, backend):
         m = _LAYER.match(name)
         hooks.add("freeze_norm", name, int(m.group(1)) if m else None, fn)
@@ -376,7 +381,9 @@ def gim(
         from .probe import probe
 
         backend = probe(model)
-    if backend.gated_mlp and (scales["gate_scale"] is not None or scales["up_scale"] is not None):
+    # gated if the probe measured two branches OR the model's config says so (the probe may miss them)
+    gated = bool(backend.gated_mlp) or bool(getattr(getattr(model, "cfg", None), "gated_mlp", False))
+    if gated and (scales["gate_scale"] is not None or scales["up_scale"] is not None):
         missing = [n for n, t in (("gate", backend.gate_hook), ("up", backend.up_hook)) if not t]
         if missing:
             raise GIMHookError(
@@ -394,7 +401,7 @@ def gim(
         for comp, template in (("q_scale", backend.q_hook), ("k_scale", backend.k_hook), ("v_scale", backend.v_hook)):
             if scales[comp] is not None:
                 stack.enter_context(_scale_site(hooks, backend, comp, template, scales[comp]))
-        if backend.gated_mlp:
+        if gated:
             for comp, template in (("gate_scale", backend.gate_hook), ("up_scale", backend.up_hook)):
                 if scales[comp] is not None:
                     stack.enter_context(_scale_site(hooks, backend, comp, template, scales[comp]))

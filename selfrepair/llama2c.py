@@ -59,7 +59,7 @@ class Llama2cHeader:
 def _bad(path, why: str) -> ValueError:
     return ValueError(
         f"{path} is not a readable llama2.c checkpoint: {why}. Expected a llama2.c "
-        "'.bin' (legacy or version-1 fp32 export)."
+        "'.bin' (legacy or version-1 fp32 export); for a Hugging Face checkpoint pass its directory."
     )
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlparse
@@ -228,6 +229,23 @@ def _from_config(config, device, dtype):
     return _bridge_from_hf(hf_model, tokenizer=None, device=device or _default_device(), dtype=dtype)
 
 
+@contextmanager
+def _quiet_progress():
+    """No "Loading weights" bar for a checkpoint that loads in a second; restores the user's setting."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except Exception:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _has_tokenizer(d: Path) -> bool:
     return any((d / f).is_file() for f in _TOKENIZER_FILES)
 
@@ -250,7 +268,8 @@ def _load_dir(d: Path, device, dtype, name: Optional[str] = None):
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(d), **kwargs)
+        with _quiet_progress():
+            hf_model = AutoModelForCausalLM.from_pretrained(str(d), **kwargs)
     except Exception as e:
         raise ModelLoadError(f"cannot load the checkpoint in {d}: {type(e).__name__}: {e}") from e
     return _bridge_from_hf(

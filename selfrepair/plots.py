@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -395,39 +396,21 @@ def plot_head_heatmaps(result, *, n_layers: Optional[int] = None, n_heads: Optio
 # ----------------------------------------------------------------------------- 4. threshold sweep
 
 
-def _sweep_columns(sw: pd.DataFrame) -> tuple[str, str, Optional[str], Optional[str]]:
-    def pick(options):
-        for o in options:
-            if o in sw.columns:
-                return o
-        return None
-
-    tcol = pick(["threshold"])
-    fcol = pick(["fraction", "fraction_self_repairing", "frac"])
-    lo = pick(["ci_low", "fraction_lo", "lo", "low", "lower", "ci_lo"])
-    hi = pick(["ci_high", "fraction_hi", "hi", "high", "upper", "ci_hi"])
-    if tcol is None or fcol is None:
-        raise ValueError(f"a sweep table needs 'threshold' and 'fraction' columns; it has {', '.join(map(str, sw.columns))}")
-    return tcol, fcol, lo, hi
-
-
 DEFAULT_SWEEP = tuple(np.round(np.r_[0.0, np.geomspace(0.01, 2.0, 24)], 4))
 
 
 def _overall_sweep(sw: pd.DataFrame) -> pd.DataFrame:
-    """Keep the overall rows of a sweep table that may also hold per-head rows."""
-    for c in ("layer", "head"):
-        if c in sw.columns:
-            sw = sw[sw[c].isna()] if sw[c].isna().any() else sw
-    return sw
+    """The overall rows of a sweep table (``sweep(by_layer=True)`` adds per-layer rows with a ``layer``)."""
+    return sw[sw["layer"].isna()] if "layer" in sw.columns and sw["layer"].isna().any() else sw
 
 
 def plot_threshold_sweep(result, *, thresholds: Optional[Sequence[float]] = None,
                          threshold: Optional[float] = None) -> go.Figure:
     """Fraction of groups flagged self-repairing as a function of the threshold, with its 95% interval.
 
-    ``result``: a SelfRepairResult (its ``sweep(thresholds)`` is called) or a
-    sweep DataFrame (columns ``threshold``, ``fraction`` and the interval).
+    ``result``: a SelfRepairResult (its ``sweep(thresholds)`` is called) or
+    the DataFrame ``SelfRepairResult.sweep`` returns (``threshold, fraction,
+    ci_low, ci_high, n_defined``).
     The chosen threshold (0.1 by default) is marked.
     """
     t = _threshold(result, threshold)
@@ -438,23 +421,18 @@ def plot_threshold_sweep(result, *, thresholds: Optional[Sequence[float]] = None
         sw = result.sweep(ths)
     else:
         raise TypeError("plot_threshold_sweep takes a SelfRepairResult or a sweep DataFrame")
-    sw = _overall_sweep(sw).sort_values(_sweep_columns(sw)[0])
-    tcol, fcol, lo, hi = _sweep_columns(sw)
-    x = sw[tcol].to_numpy(float)
-    f = sw[fcol].to_numpy(float)
+    _require(sw, ["threshold", "fraction", "ci_low", "ci_high", "n_defined"], "plot_threshold_sweep")
+    sw = _overall_sweep(sw).sort_values("threshold")
+    x = sw["threshold"].to_numpy(float)
+    f = sw["fraction"].to_numpy(float)
     fig = go.Figure()
-    if lo and hi:
-        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[sw[hi].to_numpy(float), sw[lo].to_numpy(float)[::-1]],
-                                 fill="toself", fillcolor="rgba(0,114,178,0.2)", line=dict(width=0),
-                                 name="95% bootstrap interval", hoverinfo="skip"))
-    extra = ""
-    for c in ("n_defined", "n", "n_groups"):
-        if c in sw.columns:
-            extra = " (%{customdata} groups with a defined ratio)"
-            break
+    fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[sw["ci_high"].to_numpy(float), sw["ci_low"].to_numpy(float)[::-1]],
+                             fill="toself", fillcolor="rgba(0,114,178,0.2)", line=dict(width=0),
+                             name="95% bootstrap interval", hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=x, y=f, mode="lines+markers", name="fraction self-repairing", line=dict(color=NOT_COLOR),
-                             customdata=sw[c].to_numpy() if extra else None,
-                             hovertemplate="threshold %{x:.3g}: %{y:.1%}" + extra + "<extra></extra>"))
+                             customdata=np.c_[sw["ci_low"], sw["ci_high"], sw["n_defined"]],
+                             hovertemplate="threshold %{x:.3g}: %{y:.1%} [%{customdata[0]:.1%}, %{customdata[1]:.1%}]"
+                                           " of %{customdata[2]} groups with a defined ratio<extra></extra>"))
     at = f[np.argmin(np.abs(x - t))] if len(x) else float("nan")
     fig.add_vline(x=t, line=dict(color=SR_COLOR, dash="dash"),
                   annotation_text=f"threshold {t:g}: {at:.1%}", annotation_position="top right")
@@ -517,25 +495,6 @@ def plot_local_vs_global(result, *, threshold: Optional[float] = None, units: Op
 # ----------------------------------------------------------------------------- 6. head ranking
 
 
-def _head_columns(df: pd.DataFrame) -> tuple[str, list[tuple[str, str]]]:
-    def pick(options):
-        for o in options:
-            if o in df.columns:
-                return o
-        return None
-
-    measured = pick(["measured", "measured_effect", "effect", "ablation_effect"])
-    if measured is None:
-        raise ValueError(f"a head table needs a measured-effect column ('measured'); it has {', '.join(map(str, df.columns))}")
-    ests = []
-    for label, options in (("grad (attribution patching)", ["grad", "grad_estimate", "atp", "grad_attribution"]),
-                           ("GIM", ["gim", "gim_estimate", "gim_attribution"])):
-        c = pick(options)
-        if c is not None:
-            ests.append((label, c))
-    return measured, ests
-
-
 def plot_head_ranking(heads: pd.DataFrame, *, top: Optional[int] = None, units: str = "logit difference") -> go.Figure:
     """Per head: the measured effect of ablating it beside its grad and GIM attribution-patching estimates.
 
@@ -545,8 +504,10 @@ def plot_head_ranking(heads: pd.DataFrame, *, top: Optional[int] = None, units: 
     Spearman correlation with the measured effects and how many of the top-5
     heads by ``|measured|`` it also puts in its top 5.
     """
-    _require(heads, ["layer", "head"], "plot_head_ranking")
-    measured, ests = _head_columns(heads)
+    _require(heads, ["layer", "head", "measured"], "plot_head_ranking")
+    measured = "measured"
+    ests = [(label, c) for label, c in (("grad (attribution patching)", "grad_estimate"), ("GIM", "gim_estimate"))
+            if c in heads.columns]
     d = heads.reindex(heads[measured].astype(float).abs().sort_values(ascending=False, kind="stable").index)
     if top:
         d = d.head(int(top))
@@ -599,6 +560,8 @@ def _token_text(model, ids: Sequence[int], max_len: int = 10) -> list[str]:
         if s is None:
             s = f"#{i}"
         s = s.replace("\n", "\u23ce").replace("\t", "\u21e5").replace(" ", "\u00b7")
+        # other control / unassigned characters as escapes (kaleido's PNG export fails on them)
+        s = "".join(ch if unicodedata.category(ch)[0] != "C" else ascii(ch)[1:-1] for ch in s)
         if len(s) > max_len:
             s = s[: max_len - 1] + "\u2026"
         out.append(s if s else f"#{i}")

@@ -41,9 +41,8 @@ import math
 import re
 import warnings
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -144,7 +143,7 @@ def probe(model, *, refresh: bool = False) -> Backend:
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             backend = _Prober(model).run()
     finally:
@@ -416,6 +415,26 @@ class _Prober:
         # --- start_at_layer
         sal = self._start_at_layer()
 
+        # --- every template must name a hook point in every layer; live sites stay live at the last layer
+        last = self.n_layers - 1
+        required = [A + "hook_q", A + "hook_k", A + "hook_v", A + "hook_pattern", A + "hook_z"]
+        optional = dict(scores=scores_hook, gate=gate_hook, up=up_hook, **{f"{w}_input": inputs[w] for w in "qkv"})
+        for tpl in required + [x for x in optional.values() if x]:
+            missing = [i for i in range(self.n_layers) if tpl.format(layer=i) not in m.hook_dict]
+            if missing:
+                raise ProbeError(f"hook point {tpl} is missing in layers {missing}; the model's blocks differ")
+        if last != L:
+            checks = [(A + "hook_pattern", self.noise(pat) * causal), (A + "hook_z", self.noise(z))]
+            if scores_live:
+                checks.append((A + "hook_attn_scores", self.noise(sc.masked_fill(~causal, 0)) * causal))
+            for tpl, d in checks:
+                if not all(self.live(tpl.format(layer=last), d)):
+                    if tpl.endswith("hook_attn_scores"):
+                        self.notes.append(f"scores edits are not live at layer {last}; using the pattern site")
+                        scores_live, scores_hook = False, None
+                    else:
+                        raise ProbeError(f"{tpl.format(layer=last)}: edits there do not reach the output")
+
         arch = getattr(self.cfg, "architecture", None) or getattr(self.cfg, "original_architecture", None)
         if not arch:
             arch = type(m).__name__
@@ -590,10 +609,13 @@ class _Prober:
     def _mlp(self):
         L = self.L
         prefix = f"blocks.{L}.mlp."
-        site = prefix + "hook_in"
-        if not self.present(site):
-            site = f"blocks.{L}.ln2.hook_out"
-        if not self.present(site):
+        # a point whose output feeds the MLP only (TL 3 has no mlp.hook_in: its ln2.hook_normalized)
+        site = next(
+            (n for n in (prefix + "hook_in", f"blocks.{L}.ln2.hook_out", f"blocks.{L}.ln2.hook_normalized",
+                         f"blocks.{L}.hook_mlp_in") if self.present(n)),
+            None,
+        )
+        if site is None:
             self.notes.append("no MLP input hook fires; gating not measured")
             return False, None, None
         cands = [

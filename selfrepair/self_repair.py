@@ -698,7 +698,8 @@ def analyze_self_repair(
             bar.set_postfix(groups=sum(len(f) for f in frames))
     finally:
         bar.close()
-    groups = pd.concat(frames, ignore_index=True) if frames else _empty_frame(global_effects)
+    nonempty = [f for f in frames if len(f)]
+    groups = pd.concat(nonempty, ignore_index=True) if nonempty else _empty_frame(global_effects)
     groups = groups.sort_values(["prompt", "layer", "head", "query"], kind="stable").reset_index(drop=True)
     meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed)
     return SelfRepairResult(groups, settings, meta)

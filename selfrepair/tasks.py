@@ -122,7 +122,8 @@ class Task:
             return self.metric(logits, ans, wr)
         if self.metric == "logit_diff":
             return logits.gather(-1, ans[:, None])[:, 0] - logits.gather(-1, wr[:, None])[:, 0]
-        return torch.log_softmax(logits.float(), -1).gather(-1, ans[:, None])[:, 0]
+        lg = logits if logits.dtype == torch.float64 else logits.float()  # float32 or better
+        return torch.log_softmax(lg, -1).gather(-1, ans[:, None])[:, 0]
 
     def metric_from_full_logits(self, logits: Float[Tensor, "batch pos vocab"], idx=None) -> Float[Tensor, "batch"]:
         """``m`` from full ``[batch, pos, vocab]`` logits (picks each prompt's metric position)."""

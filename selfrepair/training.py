@@ -43,7 +43,7 @@ class Recipe:
     d_model: int = 128
     n_ctx: int = 256
     batch_size: int = 16
-    steps: int = 3000
+    steps: int = 6000
     warmup: int = 200
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -52,10 +52,12 @@ class Recipe:
     segment_max: int = 32
     pos_init: str = "sinusoidal"   # "sinusoidal" (scaled) or "gpt2" (normal, std 0.02)
     pos_init_scale: float = 0.05
+    anneal_steps: int = 2000       # stage 2: fresh AdamW, lr decays linearly to 10%, more code
+    anneal_synthetic_frac: float = 0.25
     curriculum_steps: int = 0      # first steps: synthetic sequences only, of length curriculum_ctx
     curriculum_ctx: int = 64
     eval_every: int = 250
-    threads: int = 2
+    threads: int = 1
     heldout_files: list = field(default_factory=lambda: list(HELDOUT_FILES))
 
 
@@ -135,11 +137,17 @@ def induction_metrics(model, vocab: int, n: int = 32, seg: int = 20, seed: int =
 
 
 def train_default_model(out_dir: str | Path, recipe: Recipe | None = None, progress: bool = True,
-                        snapshots: bool = False) -> dict:
+                        snapshots: bool = False, resume_stage1: str | Path | None = None) -> dict:
     """Run the recipe and write the checkpoint directory; returns the training log.
 
-    With ``snapshots``, the weights at every evaluation are also saved under
-    ``out_dir/step_N`` (used to choose the step budget without re-training).
+    Two stages: ``steps`` steps at constant learning rate (after warm-up) on the
+    ``synthetic_frac`` mix, then ``anneal_steps`` steps with a fresh AdamW and a fresh
+    data generator (seed + 1), the learning rate decaying linearly to 10% and
+    ``anneal_synthetic_frac`` synthetic rows. With ``snapshots``, the weights at every
+    evaluation are also saved under ``out_dir/step_N``. ``resume_stage1``: a directory
+    holding a stage-1 run's weights and ``training_log.json`` (same recipe); stage 2
+    starts from it, which gives exactly what an uninterrupted run gives, since stage 2
+    shares no optimizer or generator state with stage 1.
     """
     from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -186,6 +194,7 @@ def train_default_model(out_dir: str | Path, recipe: Recipe | None = None, progr
     gen = torch.Generator().manual_seed(r.seed)
     n_syn = int(round(r.batch_size * r.synthetic_frac))
     n_code = r.batch_size - n_syn
+    total = r.steps + r.anneal_steps
 
     def batch(step: int):
         if step <= r.curriculum_steps:
@@ -217,11 +226,36 @@ def train_default_model(out_dir: str | Path, recipe: Recipe | None = None, progr
         model.train()
         return loss
 
-    log = {"recipe": asdict(r), "curve": [], "tokens_seen": 0}
-    bar = tqdm(range(1, r.steps + 1), disable=not progress, desc="train")
-    ema = None
+    log = {"recipe": asdict(r), "curve": [], "tokens_seen": 0,
+           "python": sysconfig.get_python_version()}
+    first, ema, t_prev = 1, None, 0.0
+    if resume_stage1 is not None:
+        prev = json.loads((Path(resume_stage1) / "training_log.json").read_text())
+        stage1 = {k: v for k, v in prev["recipe"].items() if k not in ("anneal_steps", "anneal_synthetic_frac")}
+        mine = {k: v for k, v in asdict(r).items() if k in stage1}
+        if stage1 != mine:
+            raise ValueError(f"resume_stage1: {resume_stage1} was trained with another stage-1 recipe: {stage1} != {mine}")
+        model = GPT2LMHeadModel.from_pretrained(resume_stage1)
+        model.train()
+        log["curve"] = [c for c in prev["curve"] if c["step"] <= r.steps]
+        log["tokens_seen"] = r.steps * r.batch_size * r.n_ctx
+        ema, first = log["curve"][-1]["train_loss"], r.steps + 1
+        t_prev = log["curve"][-1]["elapsed_s"]
+        t0 -= t_prev
+    bar = tqdm(range(first, total + 1), disable=not progress, desc="train", initial=first - 1, total=total)
     for step in bar:
-        lr = r.lr * min(1.0, step / r.warmup)
+        if step == r.steps + 1:  # stage 2
+            decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+            no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+            gen = torch.Generator().manual_seed(r.seed + 1)
+            n_syn = int(round(r.batch_size * r.anneal_synthetic_frac))
+            n_code = r.batch_size - n_syn
+        if step <= r.steps:
+            lr = r.lr * min(1.0, step / r.warmup)
+        else:
+            lr = r.lr * (1.0 - 0.9 * (step - r.steps) / max(1, r.anneal_steps))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         x = batch(step)
@@ -232,7 +266,7 @@ def train_default_model(out_dir: str | Path, recipe: Recipe | None = None, progr
         opt.step()
         log["tokens_seen"] += x.numel()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % r.eval_every == 0 or step == r.steps:
+        if step % r.eval_every == 0 or step in (r.steps, total):
             model.eval()
             m = induction_metrics(model, r.vocab_size)
             model.train()

@@ -375,6 +375,11 @@ def test_missing_hook_site_raises_on_entry(llama_bridge64):
     with pytest.raises(GIMHookError, match="gated MLP"):
         with gim(model, backend=dataclasses.replace(b, up_hook=None)):
             pass
+    # the probe missing the branches altogether: the config still says gated
+    assert model.cfg.gated_mlp
+    with pytest.raises(GIMHookError, match="gated MLP"):
+        with gim(model, backend=dataclasses.replace(b, gated_mlp=False, gate_hook=None, up_hook=None)):
+            pass
     with pytest.raises(GIMHookError, match="does not have"):
         with gim(model, backend=dataclasses.replace(b, q_hook="blocks.{layer}.attn.hook_nope")):
             pass

@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,6 +209,26 @@ def test_hub_name_offline_fails_fast_with_one_line(tmp_path, env):
     assert len(message) == 1, message
     assert "selfrepair.load_model()" in message[0] and "openai-community/gpt2" in message[0]
     assert wall < 120
+
+
+def test_hub_name_in_local_cache_loads_offline(tmp_path):
+    """A hub name whose files are in the HF cache loads with no network (HF_HUB_OFFLINE=1)."""
+    snap = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-gpt2" / "snapshots" / "abc123"
+    ref = _hf_reference(gpt2_config(), 9)
+    ref.save_pretrained(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    with torch.no_grad():
+        expect = ref(TOKS).logits[0, -1, :4].tolist()
+    code = (
+        "import selfrepair, torch\n"
+        "m = selfrepair.load_model('tiny-org/tiny-gpt2', device='cpu')\n"
+        f"print(m(torch.tensor({TOKS.tolist()}))[0, -1, :4].tolist())\n"
+    )
+    r = _run_py(code, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = eval(r.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got, expect, atol=1e-5)
 
 
 def test_hub_probe_gives_up_on_a_hanging_connection(monkeypatch):

@@ -306,3 +306,22 @@ def test_missing_columns_are_named():
     with pytest.raises(ValueError, match="gim_estimate"):
         plots.plot_estimates(pd.DataFrame({"effect_joint": [1.0], "self_repair": [True], "grad_estimate": [1.0]}),
                              estimates=["grad_estimate", "gim_estimate"])
+
+
+def test_token_text_with_control_characters_exports_to_png(tmp_path):
+    """Byte-level BPE tokens can decode to control characters, which break kaleido: they are escaped."""
+    from selfrepair.tasks import Task
+
+    class Tok:
+        def decode(self, ids):
+            return ["def", "\x00", "\x1b[", " x\n", "\t"][ids[0]]
+
+    class Model:
+        tokenizer = Tok()
+
+    task = Task(torch.tensor([[0, 1, 2, 3, 4]]), torch.tensor([0]), torch.tensor([1]))
+    table = plots.token_attribution_table(Model(), task, {"grad": torch.arange(5.0)[None], "gim": torch.ones(1, 5)})
+    assert list(table["token"]) == ["def", "\\x00", "\\x1b[", "\u00b7x\u23ce", "\u21e5"]
+    fig = plots.plot_token_attributions(table)
+    plots.save_figure(fig, tmp_path / "tokens", html=False)
+    assert _png_size(tmp_path / "tokens.png") == (fig.layout.width, fig.layout.height)

@@ -182,6 +182,7 @@ def test_dead_pattern_site_raises(monkeypatch):
 # ----------------------------------------------------------------------------- norm freeze
 
 
+@pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")
 @pytest.mark.parametrize("make", [make_gpt2_bridge, make_llama_bridge], ids=["gpt2-LN", "llama-RMS"])
 def test_norm_freeze_hooks_exact(make):
     """Forward bit-identical; gradient at ln_final's input = frozen-scale analytic VJP (float64)."""

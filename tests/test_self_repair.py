@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -392,6 +391,14 @@ def test_planted_model_finds_the_redundant_keys(planted):
     ES = m0 - 2 * ebar / (2 * ebar + 10)
     assert np.allclose(g.interaction, (ES - 2 * E1) / ES, atol=1e-9, rtol=0)
     assert np.allclose([p for ps in g.p for p in ps], e5 / Z, atol=1e-12, rtol=0)
+    # the same rows from a CachedRun through the pure-tensor API (what compare_estimates builds on)
+    from selfrepair.cache import cached_run
+
+    run = cached_run(planted, task, layers=[0], dtype=F64)
+    o = local_effects(*run.rows(g.prompt.to_numpy(), 0, g["head"].to_numpy(), g["query"].to_numpy()),
+                      torch.tensor(g["keys"].tolist()))
+    np.testing.assert_allclose(o["effect_joint"].numpy(), g.effect_joint, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(o["tsg_estimate"].numpy(), g.tsg_estimate, rtol=1e-13, atol=0)
     # knockout: the 2-key row of a 2-token prompt is analysed under mean ablation, skipped under knockout
     short = _planted_task(extra_short=True)
     gm = analyze_self_repair(planted, short, progress=False, dtype=F64).groups
@@ -628,6 +635,11 @@ def test_batch_size_invariance(gpt2_bridge64):
     r3 = analyze_self_repair(gpt2_bridge64, task, batch_size=3, **kw)
     assert len(r1.groups) > 20
     _assert_frames_close(r1.groups, r3.groups, rtol=1e-9, atol=1e-13)
+    assert sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in gpt2_bridge64.hook_dict.values()) == 0
+    # no group at all (threshold on contributions too high): an empty table with every column
+    none = analyze_self_repair(gpt2_bridge64, task, batch_size=2, **{**kw, "min_contribution": 1e9, "select": "positive"})
+    assert len(none.groups) == 0 and list(none.groups.columns) == SR.BASE_COLUMNS + SR.GLOBAL_COLUMNS
+    assert none.summary().n_groups.sum() == 0 and len(none.sweep()) == 21
 
 
 # =========================================================================== persistence

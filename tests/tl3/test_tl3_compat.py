@@ -58,6 +58,9 @@ def test_probe_tl3_ln(gpt_like):
     assert (b.n_heads, b.n_kv_heads, b.d_head) == (4, 4, 16)
     assert b.norm_type == "LN" and not b.gated_mlp
     assert b.supports_start_at_layer
+    # TL 3 fires hook_q_input only with use_split_qkv_input: the probe switched it on and says so
+    assert b.enabled == ("use_split_qkv_input",) and gpt_like.cfg.use_split_qkv_input
+    assert b.q_input_hook == "blocks.{layer}.hook_q_input"
     # independent: masked scores are -inf in the cache, and editing the scores of layer 1 moves the logits
     _, cache = gpt_like.run_with_cache(TOKS)
     sc = cache["blocks.1.attn.hook_attn_scores"]
@@ -91,22 +94,26 @@ def test_norm_freeze_forward_unchanged(request, which):
     assert torch.equal(clean, frozen)
 
 
-def test_smoke_gim(gpt_like):
-    gim = getattr(selfrepair, "gim", None)
-    if gim is None or not callable(getattr(gim, "gim", gim)):
-        pytest.skip("selfrepair.gim not available")
-    fn = gim.gim if hasattr(gim, "gim") else gim
-    emb = gpt_like.embed(TOKS).detach().requires_grad_(True)
-    with fn(gpt_like):
-        out = gpt_like.run_with_hooks(TOKS, fwd_hooks=[("hook_embed", lambda x, hook: emb)])
+def _optional(module: str, name: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"{module}.{name} not available")
+
+
+def test_smoke_gim(llama_like):
+    gim = _optional("selfrepair.gim", "gim")
+    emb = llama_like.embed(TOKS).detach().requires_grad_(True)
+    with gim(llama_like):
+        out = llama_like.run_with_hooks(TOKS, fwd_hooks=[("hook_embed", lambda x, hook: emb)])
         out[0, -1, 5].backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().max() > 0
 
 
 def test_smoke_analyze_self_repair(gpt_like):
-    analyze = getattr(selfrepair, "analyze_self_repair", None)
-    if analyze is None:
-        pytest.skip("selfrepair.analyze_self_repair not available")
+    analyze = _optional("selfrepair.self_repair", "analyze_self_repair")
     from selfrepair import tasks
 
     task = tasks.load("induction", gpt_like, n=2)
