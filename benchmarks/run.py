@@ -37,15 +37,18 @@ machine and, on a shared machine, on its load).
    per unembedded token; norms and softmax ignored. Goal:
    ``batched_speedup >= min(20, 0.5 ideal_speedup)``.
 2. Local analysis: ``analyze_self_repair(global_effects=False)`` over all heads and query
-   rows, one subprocess per size so that peak memory is the subprocess's own
-   (``ru_maxrss`` growth during the analysis on CPU, ``torch.cuda.max_memory_allocated``
-   on GPU): the main model at 128 and 256 tokens, and a GPT-2-small-sized model from
+   rows, one subprocess per size so that peak memory is the subprocess's own (on CPU
+   the peak resident set during the analysis minus the resident set before it: Linux
+   ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, else ``ru_maxrss``;
+   on GPU ``torch.cuda.max_memory_allocated`` above the memory held before): the main model at 128 and 256 tokens, and a GPT-2-small-sized model from
    a config (12 layers, 12 heads, d_model 768, n_ctx 1024, vocab 50257, random weights,
    2 prompts) at 128 to 1024 tokens. With random weights ``min_contribution = 0`` (every
    row with two positive contributions is analysed: the heaviest case).
 3. GIM cost: one forward + backward (gradient of ``sum m`` at the token embeddings,
    ``hook_embed``) inside ``selfrepair.gim`` versus the same with plain autograd
-   (``gim_overhead``, goal <= 1.2 at every length) and versus gim-explain's ``GIM``
+   (``gim_overhead``: median over interleaved rounds of the per-round ratio, each
+   sample repeating calls to last >= ``--min-sample`` s; the headline is the max over
+   lengths and models, goal <= 1.2 at every length) and versus gim-explain's ``GIM``
    where it runs (a TL-native bridge of the main model's shape; on HF-wrapped bridges
    it crashes, which is recorded). Where the overhead passes 1.2, each GIM component is
    timed alone (``components``).
@@ -497,7 +500,7 @@ def bench_global(model, info, args, device: str) -> dict:
     fl = flops(model, task, edits)
     base_time = median(t_base) * len(abl)
     eng_time = median(t_eng)
-    speed = base_time / eng_time
+    speed = median([tb * len(abl) / te for tb, te in zip(t_base, t_eng)])   # per-round ratios: load drifts
     ideal = fl["ideal_speedup"]
     target = min(20.0, 0.5 * ideal)
     parts_med = {k: median([p[k] for p in parts_all]) for k in ("cache", "deltas", "prepare_clean", "measure")}
@@ -530,6 +533,35 @@ def bench_global(model, info, args, device: str) -> dict:
 # =========================================================================== 2. local analysis (subprocess per size)
 
 
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> tuple:
+    """(resident KiB now, method). Linux: reset the peak (VmHWM) via /proc/self/clear_refs so the peak read
+    after the analysis is the analysis's own; elsewhere ru_maxrss (a process-lifetime peak: a lower bound)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        now = _status_kib("VmRSS")
+        if now is not None and _status_kib("VmHWM") is not None:
+            return now, "VmHWM"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+
+
+def peak_rss_kib(method: str) -> int:
+    if method == "VmHWM":
+        return _status_kib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def local_worker(spec: dict) -> dict:
     """Runs in its own process: one analyze_self_repair at one size; time and peak memory growth."""
     quiet()
@@ -546,18 +578,18 @@ def local_worker(spec: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0, how = reset_peak_rss()
     t0 = time.perf_counter()
     res = analyze_self_repair(model, task, k=spec["k"], min_contribution=mc, global_effects=False, progress=False)
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss1 = peak_rss_kib(how)
     out = dict(model=info["spec"], random_weights=info["random_weights"], task=task.name, prompts=len(task),
                seq_len=int(task.tokens.shape[1]), min_contribution=mc, seconds=dt,
                seconds_per_prompt=dt / len(task), rows_selected=len(res.groups),
                rows_total=len(task) * info["n_layers"] * info["n_heads"] * int(task.tokens.shape[1]),
-               peak_rss_growth_mib=(rss1 - rss0) / 1024.0, peak_rss_mib=rss1 / 1024.0)
+               peak_rss_growth_mib=(rss1 - rss0) / 1024.0, peak_rss_mib=rss1 / 1024.0, peak_rss_method=how)
     if device == "cuda":
         out["peak_cuda_mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
     return out
@@ -639,8 +671,10 @@ def gim_variants(model, with_theirs: bool, components: bool):
     return v
 
 
-def time_variants(model, task, variants: dict, rounds: int, device: str) -> dict:
-    """Interleaved rounds; -> {name: median seconds or 'crashes: ...'}."""
+def time_variants(model, task, variants: dict, rounds: int, device: str, min_sample: float) -> dict:
+    """Interleaved rounds (order rotated each round), each variant run ``reps`` times per sample so that a
+    sample of the first variant lasts >= ``min_sample`` s. -> {name: median seconds per call, or
+    'crashes: ...'}, plus '_ratios': {name: median over rounds of (time / time of the first variant)}."""
     status: Dict[str, Any] = {}
     for name, ctx in variants.items():                   # warm-up, and find which ones run
         try:
@@ -648,12 +682,24 @@ def time_variants(model, task, variants: dict, rounds: int, device: str) -> dict
             status[name] = []
         except Exception as e:  # noqa: BLE001 -- recorded, not fatal: that is what is being measured
             status[name] = f"crashes: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    for _ in range(rounds):
-        for name, ctx in variants.items():
-            if isinstance(status[name], list):
-                with timer(device, status[name]):
-                    fwd_bwd(model, task, ctx)
-    return {k: (median(v) if isinstance(v, list) else v) for k, v in status.items()}
+    names = [n for n, v in status.items() if isinstance(v, list)]
+    first = names[0]
+    t = []
+    with timer(device, t):
+        fwd_bwd(model, task, variants[first])
+    reps = max(1, math.ceil(min_sample / max(t[0], 1e-6)))
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samp = []
+            with timer(device, samp):
+                for _ in range(reps):
+                    fwd_bwd(model, task, variants[name])
+            status[name].append(samp[0] / reps)
+    out = {k: (median(v) if isinstance(v, list) else v) for k, v in status.items()}
+    out["_ratios"] = {n: median([a / b for a, b in zip(status[n], status[first])]) for n in names}
+    out["_reps"] = reps
+    return out
 
 
 def bench_gim(model, info, jobs: List[tuple], args, device: str, label: str, with_theirs: bool = True) -> List[dict]:
@@ -662,18 +708,20 @@ def bench_gim(model, info, jobs: List[tuple], args, device: str, label: str, wit
         T = min(T, info["n_ctx"])
         task = make_task(model, info, prompts, T, seed=args.seed)
         log(f"[gim] {label}: {prompts} x {T} tokens")
-        t = time_variants(model, task, gim_variants(model, with_theirs, components=False), args.gim_rounds, device)
+        t = time_variants(model, task, gim_variants(model, with_theirs, components=False), args.gim_rounds, device,
+                          args.min_sample)
         row = dict(model=label, prompts=prompts, seq_len=int(task.tokens.shape[1]), seconds_plain=t["plain"],
-                   seconds_gim=t["selfrepair.gim"], gim_overhead=t["selfrepair.gim"] / t["plain"])
+                   seconds_gim=t["selfrepair.gim"], gim_overhead=t["_ratios"]["selfrepair.gim"],
+                   rounds=args.gim_rounds, calls_per_sample=t["_reps"])
         theirs = t.get("gim-explain GIM")
         if theirs is not None:
-            row["gim_explain"] = theirs if isinstance(theirs, str) else dict(seconds=theirs,
-                                                                              overhead=theirs / t["plain"])
+            row["gim_explain"] = theirs if isinstance(theirs, str) else dict(
+                seconds=theirs, overhead=t["_ratios"]["gim-explain GIM"])
         if row["gim_overhead"] > GOAL_GIM:
             log(f"[gim]   overhead {row['gim_overhead']:.2f} > {GOAL_GIM}: timing each component alone")
-            comp = time_variants(model, task, gim_variants(model, False, components=True), args.gim_rounds, device)
-            row["components_overhead"] = {k: (v / comp["plain"] if not isinstance(v, str) else v)
-                                          for k, v in comp.items() if k.startswith("gim")}
+            comp = time_variants(model, task, gim_variants(model, False, components=True), args.gim_rounds, device,
+                                 args.min_sample)
+            row["components_overhead"] = {k: v for k, v in comp["_ratios"].items() if k.startswith("gim")}
         rows.append(row)
         ge = row.get("gim_explain")
         log(f"[gim]   overhead {row['gim_overhead']:.3f}"
@@ -716,6 +764,8 @@ def parse(argv=None):
     s.add_argument("--gim-prompts", type=int, default=None)
     s.add_argument("--gim-gpt2-lengths", default=None, help="GPT-2-small GIM lengths (128,512); empty to skip")
     s.add_argument("--gim-rounds", type=int, default=None)
+    s.add_argument("--min-sample", type=float, default=None,
+                   help="GIM: repeat calls so that one timing sample lasts at least this many seconds (0.5)")
     ap.add_argument("--_local-worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -727,7 +777,8 @@ def parse(argv=None):
         target_groups=10 if q else 100, rounds=2 if q else 3, baseline_sample=10 if q else (50 if cuda else 40),
         local_lengths="64" if q else "128,256", local_prompts=2 if q else (16 if cuda else 8),
         gpt2_lengths="" if q else "128,256,512,1024", gim_lengths="32,64" if q else "64,128,256",
-        gim_prompts=2 if q else 8, gim_gpt2_lengths="" if q else "128,512", gim_rounds=2 if q else 5,
+        gim_prompts=2 if q else 8, gim_gpt2_lengths="" if q else "128,512", gim_rounds=3 if q else 5,
+        min_sample=0.05 if q else 0.5,
     )
     for key, v in dflt.items():
         if getattr(a, key) is None:

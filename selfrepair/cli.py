@@ -48,7 +48,7 @@ EXIT_ERROR = 2
 # --- defaults of the full study (see the README: measured to finish in well under 5 minutes on 2 CPU cores)
 DEFAULT_TASK = "code-copy"
 DEFAULT_N = 32
-DEFAULT_SEQ_LEN = 128
+DEFAULT_SEQ_LEN = None  # the task's own default length (code-copy: 128, induction: 61)
 DEFAULT_HEAD_ABLATION = "mean"
 SWEEP_THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 SUMMARY_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -307,7 +307,7 @@ Run the whole self-repair study of a model on a task and write it to a run folde
      comprehensiveness / sufficiency;
 then every figure as HTML and PNG, and summary.json (versions, model and its hash,
 task, every setting, seed, timings). With no arguments: the shipped model on
-{DEFAULT_TASK} with n={DEFAULT_N} prompts of {DEFAULT_SEQ_LEN} tokens, offline.
+{DEFAULT_TASK} with n={DEFAULT_N} prompts of the task's default length, offline.
 
 Output (--out, default a new folder under runs/): tables/*.parquet and *.csv,
 figures/*.html and *.png, summary.json. Partial results are kept batch by batch:
@@ -328,7 +328,8 @@ def _add_study_options(a: argparse.ArgumentParser) -> None:
                           "{\"tokens\", \"answer_id\", \"wrong_id\"} as ids (selfrepair.tasks.from_jsonl)")
     g.add_argument("--n", type=_positive_int, default=DEFAULT_N, help="number of prompts of a built-in task")
     g.add_argument("--seq-len", "--seq_len", dest="seq_len", type=_positive_int, default=DEFAULT_SEQ_LEN,
-                   help="tokens per prompt of a built-in task")
+                   help="tokens per prompt of a built-in task (default: the task's own, 128 for code-copy, "
+                        "61 for induction)")
     g.add_argument("--seed", type=int, default=0, help="seed of the task's sampling and of torch")
     g.add_argument("--device", default="cpu", type=_device_arg,
                    help="'cpu', 'cuda' (or 'cuda:N'), or 'auto' (cuda when available)")

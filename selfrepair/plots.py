@@ -380,10 +380,12 @@ def plot_head_heatmaps(result, *, n_layers: Optional[int] = None, n_heads: Optio
                              texttemplate="%{text}", colorbar=dict(title="fraction", x=0.43, len=0.9),
                              hovertemplate="%{y}%{x}<br>fraction self-repairing %{z:.1%}<extra></extra>"),
                   row=1, col=1)
-    m = float(np.nanmax(np.abs(med))) if np.isfinite(med).any() else 1.0
+    # colour range symmetric about 0 and capped at |r| = 1 (a few heads with tiny joint effects can reach
+    # |r| >> 1 and would wash out the rest); the cell text gives the exact value
+    m = min(float(np.nanmax(np.abs(med))), 1.0) if np.isfinite(med).any() and np.nanmax(np.abs(med)) > 0 else 1.0
     text2 = [[("" if cnt[l, h] == 0 else f"{med[l, h]:.2g}") for h in range(n_heads)] for l in range(n_layers)]
     fig.add_trace(go.Heatmap(z=med, x=heads, y=layers, zmid=0, zmin=-m, zmax=m, colorscale="RdBu_r", text=text2,
-                             texttemplate="%{text}", colorbar=dict(title="median r", x=1.0, len=0.9),
+                             texttemplate="%{text}", colorbar=dict(title=f"median r{' (colour capped at 1)' if m == 1.0 else ''}", x=1.0, len=0.9),
                              hovertemplate="%{y}%{x}<br>median r %{z:.3g}<extra></extra>"), row=1, col=2)
     for c in (1, 2):
         fig.update_xaxes(title="head", row=1, col=c)
@@ -568,8 +570,10 @@ def _token_text(model, ids: Sequence[int], max_len: int = 10) -> list[str]:
     return out
 
 
-def pick_row(result, *, prefer: str = "interaction") -> pd.Series:
-    """The self-repairing group with the largest interaction in metric units, ``|E_S - sum E_n|``.
+def pick_row(result) -> pd.Series:
+    """A clear example of self-repair: among the self-repairing groups whose individual effects all have the
+    sign of the joint effect (when there are any), the one with the largest interaction in metric units,
+    ``|E_S - sum E_n|``.
 
     Falls back to the group with the largest defined r when none self-repairs,
     and to the first group when no ratio is defined.
@@ -578,9 +582,13 @@ def pick_row(result, *, prefer: str = "interaction") -> pd.Series:
     if len(df) == 0:
         raise ValueError("the result has no groups to show")
     sr = df["self_repair"].fillna(False).astype(bool) if "self_repair" in df.columns else pd.Series(False, index=df.index)
-    score = (df["effect_joint"].astype(float) - df["effect_sum"].astype(float)) * np.sign(df["effect_joint"].astype(float))
-    if sr.any():
-        return df.loc[score[sr].idxmax()]
+    ej = df["effect_joint"].astype(float)
+    score = (ej - df["effect_sum"].astype(float)) * np.sign(ej)
+    same_sign = pd.Series([bool(np.all(np.sign(np.asarray(e, float)) == np.sign(j))) for e, j in zip(df["effects"], ej)],
+                          index=df.index)
+    for cand in (sr & same_sign, sr):
+        if cand.any():
+            return df.loc[score[cand].idxmax()]
     r = df["interaction"].astype(float)
     if r.notna().any():
         return df.loc[r.idxmax()]

@@ -32,8 +32,9 @@ from selfrepair import cli
 from selfrepair.loading import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-#: a small study: 3 prompts of 40 tokens, layers 0 and 1, one prompt per batch (= per checkpoint)
-SMALL = ["--n", "3", "--seq-len", "40", "--layers", "0", "1", "--min-contribution", "0.3", "--batch-size", "1"]
+#: a small study: 3 induction prompts of 31 tokens, layers 0 and 3, one prompt per batch (= per checkpoint)
+SMALL = ["--task", "induction", "--n", "3", "--seq-len", "31", "--layers", "0", "3", "--min-contribution", "0.5",
+         "--batch-size", "1"]
 
 GROUP_COLUMNS = ["prompt", "layer", "head", "query", "keys", "contributions", "effects", "effect_sum", "effect_joint",
                  "interaction", "interaction_sym", "self_repair", "shapley", "value_similarity", "value_effects",
@@ -196,7 +197,7 @@ def test_full_run_writes_every_file_with_content(full_run):
         csv = pd.read_csv(out / "tables" / f"{name}.csv")
         assert list(csv.columns) == list(df.columns) and len(csv) == len(df), f"{name}.csv differs from the Parquet"
     g = tables["groups"]
-    assert set(g["layer"]) <= {0, 1} and set(g["prompt"]) <= {0, 1, 2}
+    assert set(g["layer"]) <= {0, 3} and set(g["prompt"]) == {0, 1, 2}  # (every batch has groups)
     assert all(len(k) == 2 for k in g["keys"])
     h = tables["heads"]
     assert len(h) == 4 * 4  # every head of the shipped model
@@ -204,12 +205,12 @@ def test_full_run_writes_every_file_with_content(full_run):
 
     s = json.loads((out / "summary.json").read_text())
     settings = s["settings"]
-    assert settings["layers"] == [0, 1] and settings["min_contribution"] == 0.3 and settings["batch_size"] == 1
+    assert settings["layers"] == [0, 3] and settings["min_contribution"] == 0.5 and settings["batch_size"] == 1
     assert settings["global_effects"] is True and settings["k"] == 2 and settings["threshold"] == 0.1
     from selfrepair.self_repair import analyze_self_repair
 
     assert set(settings) == {p for p in inspect.signature(analyze_self_repair).parameters if p not in ("model", "task")}
-    assert s["task"]["name"] == "code-copy" and s["task"]["n"] == 3 and s["task"]["seq_len"] <= 40
+    assert s["task"]["name"] == "induction" and s["task"]["n"] == 3 and s["task"]["seq_len"] == 31
     assert s["seed"] == 0 and s["head_ablation"] == "mean" and s["device"] == "cpu"
     for pkg in ("selfrepair", "torch", "transformer_lens"):
         assert s["versions"][pkg]
@@ -290,8 +291,8 @@ def test_resume_after_kill_gives_the_same_tables(full_run, tmp_path):
     for name in want:
         pd.testing.assert_frame_equal(got[name], want[name], check_exact=False, rtol=1e-7, atol=1e-10, obj=name)
     # --force starts over (here with other settings)
-    p = run_cli(["analyze", "--n", "2", "--seq-len", "40", "--layers", "0", "--min-contribution", "0.3", "--out",
-                 str(out), "--no-png", "--force"], cwd=tmp_path)
+    p = run_cli(["analyze", *SMALL[:2], "--n", "2", "--seq-len", "31", "--layers", "0", "--min-contribution", "0.5",
+                 "--out", str(out), "--no-png", "--force"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     s2 = json.loads((out / "summary.json").read_text())
     assert s2["settings"]["layers"] == [0] and s2["task"]["n"] == 2 and s2["analysis_meta"]["n_batches_resumed"] == 0
@@ -345,9 +346,9 @@ def test_errors_are_one_line(capsys, tmp_path, monkeypatch, shipped_model):
     _usage_error(capsys, ["analyze", "--n", "0"], "--n", "positive")
     _usage_error(capsys, ["analyze", "--task", "induction", "--prompts", "x.jsonl"], "not allowed")
     # ... and by the analysis itself (the same checks as the Python API)
-    _one_line_error(capsys, ["analyze", *SMALL[:4], "--k", "1", *out], "k must be")
-    _one_line_error(capsys, ["analyze", *SMALL[:4], "--threshold", "-1", *out], "threshold")
-    _one_line_error(capsys, ["analyze", *SMALL[:4], "--layers", "9", *out], "layer 9")
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "1", *out], "k must be")
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--threshold", "-1", *out], "threshold")
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--layers", "9", *out], "layer 9")
     _one_line_error(capsys, ["analyze", "--task", "no-such-task", *out], "no-such-task")
     assert not (tmp_path / "r").exists(), "a failed start left a run folder behind"
     _one_line_error(capsys, ["analyze", "--resume"], "--out")

@@ -84,20 +84,15 @@ def test_induction_task_accuracy(model):
     assert ld_pos >= 0.9, ld_pos
 
 
-CODE_COPY_MET = json.loads((DEFAULT_MODEL_DIR / "scores.json").read_text()).get("meets_thresholds", False) \
-    if (DEFAULT_MODEL_DIR / "scores.json").exists() else False
-
-
-@pytest.mark.parametrize("seq_len", [128, 256])
 @torch.no_grad()
-def test_code_copy_accuracy(model, seq_len):
-    task = selfrepair.tasks.load("code-copy", model, n=128, seq_len=seq_len, seed=11)
+def test_code_copy_accuracy(model):
+    """Thresholds on the code-copy task as it loads by default (128 tokens of held-out code)."""
+    task = selfrepair.tasks.load("code-copy", model, n=1024, seed=11)
+    assert task.tokens.shape[1] == 128
     top1s, lds = [], []
-    for s in range(0, len(task), 32):
-        t1, ld = _top1_and_ld(model, task.subset(slice(s, s + 32)))
+    for s in range(0, len(task), 128):
+        t1, ld = _top1_and_ld(model, task.subset(slice(s, s + 128)))
         top1s.append(t1), lds.append(ld)
     top1, ld_pos = sum(top1s) / len(top1s), sum(lds) / len(lds)
-    if not CODE_COPY_MET:
-        pytest.xfail(f"shipped model misses the code-copy thresholds (top-1 {top1:.3f}, ld>0 {ld_pos:.3f}); see its card")
     assert top1 >= 0.7, top1
     assert ld_pos >= 0.8, ld_pos

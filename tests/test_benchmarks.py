@@ -1,0 +1,79 @@
+"""Smoke test of benchmarks/run.py (issue 6): the tiny setting runs end to end in a subprocess and reports
+every headline field, finite, with the engine agreeing with the run_with_hooks baseline to 1e-4.
+
+No timing assertions: timings depend on the machine and its load. What can fail here: a section crashing,
+a missing or non-finite field, the engine's global effects disagreeing with the baseline loop's (an
+independent computation: one full forward per ablation with a hook_pattern edit), and ``--device cuda``
+without CUDA not failing with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, str(RUN), *args], capture_output=True, text=True, cwd=str(ROOT),
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick():
+    p = _run("--quick", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    return json.loads(last), p.stdout
+
+
+def test_quick_json_fields(quick):
+    out, _ = quick
+    for key in ("batched_speedup", "ideal_speedup", "max_abs_diff", "gim_overhead"):
+        assert key in out, key
+        assert isinstance(out[key], (int, float)) and math.isfinite(out[key]), (key, out[key])
+        assert out[key] >= 0, (key, out[key])
+    assert out["ideal_speedup"] >= 1.0          # the baseline never does less work than the minimum
+    assert isinstance(out["goal_met"], bool)
+    m = out["machine"]
+    assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu_model"]
+
+
+def test_quick_engine_matches_baseline(quick):
+    out, _ = quick
+    g = out["global"]
+    assert g["max_abs_diff"] <= 1e-4, g["max_abs_diff"]
+    assert g["diff_checked_ablations"] >= 10
+    assert g["ablations"] == 100                 # the seeded random workload (random weights)
+    assert math.isfinite(g["engine_seconds"]) and g["engine_seconds"] > 0
+    assert math.isfinite(g["baseline_seconds_per_ablation"]) and g["baseline_seconds_per_ablation"] > 0
+
+
+def test_quick_sections_complete(quick):
+    out, text = quick
+    assert out["local"] and all("error" not in r for r in out["local"]), out["local"]
+    for r in out["local"]:
+        assert r["rows_selected"] > 0 and math.isfinite(r["seconds"])
+    assert len(out["gim"]) >= 3                  # main model at two lengths + its native-bridge twin
+    for r in out["gim"]:
+        assert math.isfinite(r["gim_overhead"]) and r["gim_overhead"] > 0
+    # gim-explain runs on the native twin and crashes on the HF-wrapped bridge: both recorded, neither fatal
+    native = [r for r in out["gim"] if r["model"].startswith("native")]
+    assert native and "gim_explain" in native[0]
+    assert "## Global ablations" in text and "## GIM cost" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda_fails_clearly():
+    p = _run("--device", "cuda", timeout=120)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0], p.stderr
