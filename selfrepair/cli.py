@@ -30,11 +30,13 @@ set ``SELFREPAIR_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -144,8 +146,6 @@ def _literal_choices(p: inspect.Parameter) -> Optional[list]:
     """Choices from a ``Literal[...]`` annotation (string or typing object), if any."""
     a = p.annotation
     if isinstance(a, str):
-        import re
-
         m = re.search(r"Literal\[([^\]]*)\]", a)
         if m:
             vals = [v.strip().strip("'\"") for v in m.group(1).split(",") if v.strip()]
@@ -489,8 +489,6 @@ def package_version() -> str:
         pass
     pp = Path(__file__).resolve().parent.parent / "pyproject.toml"
     if pp.is_file():
-        import re
-
         m = re.search(r'^version\s*=\s*"([^"]+)"', pp.read_text(), flags=re.M)
         if m:
             return m.group(1)
@@ -637,7 +635,8 @@ def _build_task(model, args):
         try:
             return tasks.from_jsonl(path, model)
         except (ValueError, KeyError, TypeError) as e:
-            raise CLIError(f"--prompts {path}: {_first_line(e)}") from e
+            msg = _first_line(e)
+            raise CLIError(msg if str(path) in msg else f"--prompts {path}: {msg}") from e
     name = args.task or DEFAULT_TASK
     try:
         return tasks.load(name, model, n=args.n, seq_len=args.seq_len, seed=args.seed)
@@ -678,14 +677,31 @@ def _model_info(model, spec) -> dict:
     return info
 
 
+class Timings:
+    """Wall-clock and CPU seconds (all threads of this process) per step: ``with timings("step"): ...``."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, label: str):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[label] = round(time.perf_counter() - t0, 3)
+            self.cpu[label] = round(time.process_time() - c0, 3)
+
+
 class Study:
     """One ``selfrepair analyze`` run: stages that each write their tables and are skipped on --resume."""
 
-    def __init__(self, out: Path, progress: bool):
+    def __init__(self, out: Path, progress: bool, timings: Timings):
         self.out = out
         self.tables = out / "tables"
         self.progress = progress
-        self.timings: dict[str, float] = {}
+        self.timings = timings
         self.resumed: list[str] = []
 
     def has(self, name: str) -> bool:
@@ -697,12 +713,11 @@ class Study:
             self.resumed.append(label)
             self._say(f"[{label}] kept from the interrupted run")
             return {n: read_table(self.tables, n) for n in names}
-        t0 = time.perf_counter()
-        out = compute()
-        for n in names:
-            write_table(self.tables, n, out[n])
-        self.timings[label] = round(time.perf_counter() - t0, 3)
-        self._say(f"[{label}] done in {self.timings[label]:.1f} s")
+        with self.timings(label):
+            out = compute()
+            for n in names:
+                write_table(self.tables, n, out[n])
+        self._say(f"[{label}] done in {self.timings.wall[label]:.1f} s")
         return out
 
     def _say(self, msg: str):
@@ -710,8 +725,9 @@ class Study:
             print(msg, file=sys.stderr, flush=True)
 
 
-def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, seed: int, progress: bool) -> dict:
-    """Run every stage of the study into ``out``; returns the tables by name, timings and the analysis meta.
+def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, seed: int, progress: bool,
+              timings: Timings) -> dict:
+    """Run every stage of the study into ``out``; returns the tables by name and the analysis meta.
 
     Stages (each writes its tables atomically; on --resume a stage whose tables
     exist is read back instead of recomputed):
@@ -728,7 +744,7 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, see
 
     from . import attribution, plots, self_repair
 
-    study = Study(out, progress)
+    study = Study(out, progress, timings)
     ck = settings.get("checkpoint_dir") or str(out / "checkpoints" / "self_repair")
     res_path = out / "checkpoints" / "self_repair_result.parquet"
     torch.manual_seed(seed)
@@ -738,15 +754,13 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, see
             res = self_repair.SelfRepairResult.read_parquet(res_path)
             study.resumed.append("self-repair analysis")
         else:
-            t0 = time.perf_counter()
-            kw = api_kwargs(settings)
-            kw["checkpoint_dir"] = ck
-            res = self_repair.analyze_self_repair(model, task, **kw)
-            res.to_parquet(res_path)  # atomic
-            study.timings["self-repair analysis"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        comp = attribution.compare_estimates(model, task, res)
-        study.timings["compare_estimates"] = round(time.perf_counter() - t0, 3)
+            with timings("self-repair analysis"):
+                kw = api_kwargs(settings)
+                kw["checkpoint_dir"] = ck
+                res = self_repair.analyze_self_repair(model, task, **kw)
+                res.to_parquet(res_path)  # atomic
+        with timings("compare_estimates"):
+            comp = attribution.compare_estimates(model, task, res)
         ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
         return {"groups": comp.groups, "estimates": comp.report, "head_summary": res.summary(),
                 "sweep": res.sweep(ths)}
@@ -768,7 +782,7 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, see
         tabs.update(study.stage("attention row", ["attention_row"],
                                 lambda: {"attention_row": plots.attention_row_data(model, task, g)}))
     meta = self_repair.SelfRepairResult.read_parquet(res_path).meta if res_path.is_file() else {}
-    return {"tables": tabs, "timings": study.timings, "resumed": study.resumed, "analysis_meta": meta}
+    return {"tables": tabs, "resumed": study.resumed, "analysis_meta": meta}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -906,6 +920,7 @@ def format_summary(h: dict, context: str) -> str:
 
 
 def cmd_analyze(args) -> int:
+    timings = Timings()
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if args.figures_only:
         if not args.out:
@@ -922,13 +937,10 @@ def cmd_analyze(args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model = _load_model(args.model, device)
-    timings["load model"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    task = _build_task(model, args)
-    timings["build task"] = round(time.perf_counter() - t0, 3)
+    with timings("load model"):
+        model = _load_model(args.model, device)
+    with timings("build task"):
+        task = _build_task(model, args)
 
     task_info = {"name": task_label if args.prompts is None else "jsonl", "n": len(task),
                  "seq_len": int(task.tokens.shape[1]), "metric": task.metric if isinstance(task.metric, str) else "callable"}
@@ -963,7 +975,7 @@ def cmd_analyze(args) -> int:
     progress = bool(settings.get("progress", True))
     try:
         res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation, seed=args.seed,
-                        progress=progress)
+                        progress=progress, timings=timings)
     except KeyboardInterrupt:
         print(f"selfrepair: interrupted; partial results are kept in {out}: run the same command with --resume "
               "to continue", file=sys.stderr)
@@ -972,28 +984,26 @@ def cmd_analyze(args) -> int:
         if mode != "resume" and not _has_partial_results(out):
             shutil.rmtree(out, ignore_errors=True)  # e.g. a bad option value found by the API: leave nothing behind
         raise
-    timings.update(res["timings"])
     tables = res["tables"]
-
-    t0 = time.perf_counter()
     info = run["model"]
-    figs = make_figures(tables, settings, info.get("n_layers"), info.get("n_heads"))
-    paths, png_error = write_figures(figs, out / "figures", png=args.png)
-    timings["figures"] = round(time.perf_counter() - t0, 3)
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-    timings["total_cpu"] = round(time.process_time() - cpu_start, 3)  # all threads of this process
+    with timings("figures"):
+        figs = make_figures(tables, settings, info.get("n_layers"), info.get("n_heads"))
+        paths, png_error = write_figures(figs, out / "figures", png=args.png)
+    timings.wall["total"] = round(time.perf_counter() - t_start, 3)
+    timings.cpu["total"] = round(time.process_time() - cpu_start, 3)
 
     h = headline(tables, settings)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
                    if p.is_file() and not p.name.startswith(".") and "checkpoints" not in p.parts)
-    summary = dict(run, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), timings_s=timings,
+    summary = dict(run, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), timings_s=timings.wall, cpu_s=timings.cpu,
                    resumed_stages=res["resumed"], analysis_meta=res["analysis_meta"], headline=h,
                    figures=_figure_index(figs, out / "figures", png=args.png and not png_error),
                    png_error=png_error, files=files + ["summary.json"])
     write_json(out / "summary.json", summary)
     context = (f"selfrepair analyze: model {info['spec']} (sha256 {info['weights_sha256'][:12]}), task "
                f"{task_info['name']} n={task_info['n']} seq_len={task_info['seq_len']}, k={settings.get('k')}, "
-               f"{settings.get('ablation')} ablation, {timings['total']:.0f} s")
+               f"{settings.get('ablation')} ablation, {timings.wall['total']:.0f} s "
+               f"({timings.cpu['total']:.0f} s of CPU)")
     print(format_summary(h, context))
     print(f"wrote {len(summary['files'])} files to {out} (tables/, figures/, summary.json)")
     return 0
@@ -1025,6 +1035,9 @@ def _redraw(run_dir: Path, out: Path, *, png: bool, plotlyjs: str) -> int:
     info = summary.get("model", {})
     figs = make_figures(tables, summary["settings"], info.get("n_layers"), info.get("n_heads"))
     paths, err = write_figures(figs, out, png=png, plotlyjs=plotlyjs)
+    for p in out.iterdir():  # figures of an earlier run that this one does not have (only our own file names)
+        if re.fullmatch(r"\d\d_[a-z_]+\.(html|png)", p.name) and p not in paths:
+            p.unlink()
     print(f"wrote {len(paths)} figure files to {out}" + (f" (PNG failed: {err})" if err else ""))
     return 0 if not err else EXIT_ERROR
 

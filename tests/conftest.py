@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Small models: one thread is fastest and avoids oversubscription when other jobs share the cores.
+torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: the shared data folder beside the repository (``../shared``); may be absent
 SHARED = REPO_ROOT.parent / "shared"

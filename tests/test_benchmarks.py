@@ -77,3 +77,23 @@ def test_cuda_without_cuda_fails_clearly():
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "CUDA is not available" in err[0], p.stderr
+
+
+def test_quick_trained_model_selected_groups():
+    """On the shipped (trained) model the workload is the analysis's selected groups: individual AND joint
+    ablations, and the engine must agree with both the baseline loop and analyze_self_repair's own global
+    effects."""
+    from selfrepair.loading import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the shipped default model is not there")
+    p = _run("--quick", "--json", "--model", "default", "--skip", "gim,local")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    g = out["global"]
+    assert g["workload"].startswith("self-repair groups"), g["workload"]
+    assert g["ablations"] == 3 * g["groups"]    # k = 2: two individual + one joint per group
+    assert g["max_abs_diff"] <= 1e-4, g["max_abs_diff"]
+    assert g["analysis_vs_engine_max_abs_diff"] <= 1e-4, g["analysis_vs_engine_max_abs_diff"]
+    for key in ("batched_speedup", "ideal_speedup", "max_abs_diff"):
+        assert math.isfinite(out[key])

@@ -24,7 +24,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -347,7 +346,6 @@ def test_errors_are_one_line(capsys, tmp_path, monkeypatch, shipped_model):
     _usage_error(capsys, ["analyze", "--task", "induction", "--prompts", "x.jsonl"], "not allowed")
     # ... and by the analysis itself (the same checks as the Python API)
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "1", *out], "k must be")
-    _one_line_error(capsys, ["analyze", *SMALL[:6], "--threshold", "-1", *out], "threshold")
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--layers", "9", *out], "layer 9")
     _one_line_error(capsys, ["analyze", "--task", "no-such-task", *out], "no-such-task")
     assert not (tmp_path / "r").exists(), "a failed start left a run folder behind"
