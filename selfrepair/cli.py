@@ -49,9 +49,10 @@ EXIT_ERROR = 2
 
 # --- defaults of the full study (see the README: measured to finish in well under 5 minutes on 2 CPU cores)
 DEFAULT_TASK = "code-copy"
-DEFAULT_N = 32
+DEFAULT_N = 512  # code-copy windows: ~240 groups on the shipped model; see the README for the timing
 DEFAULT_SEQ_LEN = None  # the task's own default length (code-copy: 128, induction: 61)
 DEFAULT_HEAD_ABLATION = "mean"
+DEFAULT_ATTRIBUTION_N = 64  # prompts for the head ranking, token attributions and faithfulness (their cost grows with n)
 SWEEP_THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 SUMMARY_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -307,7 +308,9 @@ Run the whole self-repair study of a model on a task and write it to a run folde
      comprehensiveness / sufficiency;
 then every figure as HTML and PNG, and summary.json (versions, model and its hash,
 task, every setting, seed, timings). With no arguments: the shipped model on
-{DEFAULT_TASK} with n={DEFAULT_N} prompts of the task's default length, offline.
+{DEFAULT_TASK} with n={DEFAULT_N} prompts of the task's default length (128 tokens), the
+head ranking and faithfulness on the first {DEFAULT_ATTRIBUTION_N} of them, offline; about a
+minute on 2 CPU cores.
 
 Output (--out, default a new folder under runs/): tables/*.parquet and *.csv,
 figures/*.html and *.png, summary.json. Partial results are kept batch by batch:
@@ -333,11 +336,17 @@ def _add_study_options(a: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the task's sampling and of torch")
     g.add_argument("--device", default="cpu", type=_device_arg,
                    help="'cpu', 'cuda' (or 'cuda:N'), or 'auto' (cuda when available)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core); on a machine shared with "
+                        "other busy processes --threads 1 can be many times faster")
     o = a.add_argument_group("study and output")
     o.add_argument("--out", metavar="DIR", default=None,
                    help="run folder (default: a new folder runs/<time>-<task> in the current directory)")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same options)")
     o.add_argument("--force", action="store_true", help="overwrite a finished (or unfinished) run in --out")
+    o.add_argument("--attribution-n", dest="attribution_n", type=_nonnegative_int, default=DEFAULT_ATTRIBUTION_N, metavar="N",
+                   help="the head ranking, token attributions and faithfulness use the first N prompts of the task "
+                        "(0: all); their cost grows with prompts x positions, the self-repair analysis uses all --n")
     o.add_argument("--head-ablation", dest="head_ablation", default=DEFAULT_HEAD_ABLATION, choices=["mean", "zero"],
                    help="how selfrepair.head_attributions ablates a head ('mean' over prompts, or 'zero')")
     o.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
@@ -350,6 +359,16 @@ def _task_names() -> list[str]:
     from . import tasks
 
     return list(tasks.available())
+
+
+def _nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
 
 
 def _positive_int(s: str) -> int:
@@ -600,7 +619,7 @@ def _study_key(run: dict) -> dict:
     s.pop("progress", None)
     s.pop("checkpoint_dir", None)
     return {"settings": s, "task": run["task"], "model": run["model"]["spec"], "seed": run["seed"],
-            "head_ablation": run["head_ablation"], "device": run["device"]}
+            "head_ablation": run["head_ablation"], "attribution_n": run.get("attribution_n"), "device": run["device"]}
 
 
 def _load_model(spec, device):
@@ -725,8 +744,8 @@ class Study:
             print(msg, file=sys.stderr, flush=True)
 
 
-def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, seed: int, progress: bool,
-              timings: Timings) -> dict:
+def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, attribution_n: int, seed: int,
+              progress: bool, timings: Timings) -> dict:
     """Run every stage of the study into ``out``; returns the tables by name and the analysis meta.
 
     Stages (each writes its tables atomically; on --resume a stage whose tables
@@ -738,6 +757,7 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, see
        ``estimates``, ``head_summary`` (``result.summary()``), ``sweep``;
     2. ``head_attributions`` -> ``heads``;
     3. ``explain`` (grad, gim) and ``faithfulness`` -> ``token_attributions``, ``faithfulness``;
+       (2 and 3 on the first ``attribution_n`` prompts, all when 0);
     4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``.
     """
     import torch
@@ -767,13 +787,14 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, see
 
     tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "head_summary", "sweep"],
                             groups_stage))
+    sub = task if not attribution_n or attribution_n >= len(task) else task.subset(slice(0, attribution_n))
     tabs.update(study.stage("head attributions", ["heads"], lambda: {
-        "heads": attribution.head_attributions(model, task, ablation=head_ablation, progress=progress)}))
+        "heads": attribution.head_attributions(model, sub, ablation=head_ablation, progress=progress)}))
 
     def tokens_stage():
-        attrs = {m: attribution.explain(model, task, method=m, progress=progress) for m in ("grad", "gim")}
-        return {"token_attributions": plots.token_attribution_table(model, task, attrs),
-                "faithfulness": attribution.faithfulness(model, task, attrs, progress=progress)}
+        attrs = {m: attribution.explain(model, sub, method=m, progress=progress) for m in ("grad", "gim")}
+        return {"token_attributions": plots.token_attribution_table(model, sub, attrs),
+                "faithfulness": attribution.faithfulness(model, sub, attrs, progress=progress)}
 
     tabs.update(study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"], tokens_stage))
     if len(tabs["groups"]):
@@ -936,6 +957,8 @@ def cmd_analyze(args) -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     with timings("load model"):
         model = _load_model(args.model, device)
@@ -950,7 +973,8 @@ def cmd_analyze(args) -> int:
         task_info.update(requested_n=args.n, requested_seq_len=args.seq_len)
     run = {"command": "selfrepair analyze", "argv": getattr(args, "argv", None), "settings": settings, "task": task_info,
            "model": _model_info(model, args.model), "seed": args.seed, "head_ablation": args.head_ablation,
-           "device": device, "versions": versions(),
+           "attribution_n": min(args.attribution_n or len(task), len(task)),
+           "device": device, "threads": torch.get_num_threads(), "versions": versions(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if mode == "resume":
         old = json.loads((out / "run.json").read_text())
@@ -974,8 +998,8 @@ def cmd_analyze(args) -> int:
 
     progress = bool(settings.get("progress", True))
     try:
-        res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation, seed=args.seed,
-                        progress=progress, timings=timings)
+        res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
+                        attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings)
     except KeyboardInterrupt:
         print(f"selfrepair: interrupted; partial results are kept in {out}: run the same command with --resume "
               "to continue", file=sys.stderr)

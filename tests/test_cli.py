@@ -31,9 +31,10 @@ from selfrepair import cli
 from selfrepair.loading import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-#: a small study: 3 induction prompts of 31 tokens, layers 0 and 3, one prompt per batch (= per checkpoint)
+#: a small study: 3 induction prompts of 31 tokens, layers 0 and 3, one prompt per batch (= per checkpoint);
+#: one torch thread (the test machine is shared: two threads on a busy 2-core machine are many times slower)
 SMALL = ["--task", "induction", "--n", "3", "--seq-len", "31", "--layers", "0", "3", "--min-contribution", "0.5",
-         "--batch-size", "1"]
+         "--batch-size", "1", "--threads", "1"]
 
 GROUP_COLUMNS = ["prompt", "layer", "head", "query", "keys", "contributions", "effects", "effect_sum", "effect_joint",
                  "interaction", "interaction_sym", "self_repair", "shapley", "value_similarity", "value_effects",
@@ -138,7 +139,7 @@ def test_analyze_options_are_the_api_signature(capsys):
             d = str(p.default).replace("torch.", "")
             assert f"(default: {d})" in flat, f"the default of {flag} ({d}) is not in --help"
     for flag in ("--model", "--task", "--prompts", "--n", "--seq-len", "--out", "--device", "--seed", "--resume",
-                 "--force", "--no-global"):
+                 "--force", "--no-global", "--threads", "--attribution-n", "--head-ablation", "--no-png"):
         assert flag in text
     # the Python spelling is accepted too, and values reach the settings unchanged
     a = cli.build_parser().parse_args(["analyze", "--min_contribution", "0.5", "--layers", "0,2", "--heads", "1", "3",
@@ -210,7 +211,8 @@ def test_full_run_writes_every_file_with_content(full_run):
 
     assert set(settings) == {p for p in inspect.signature(analyze_self_repair).parameters if p not in ("model", "task")}
     assert s["task"]["name"] == "induction" and s["task"]["n"] == 3 and s["task"]["seq_len"] == 31
-    assert s["seed"] == 0 and s["head_ablation"] == "mean" and s["device"] == "cpu"
+    assert s["seed"] == 0 and s["head_ablation"] == "mean" and s["device"] == "cpu" and s["threads"] == 1
+    assert s["attribution_n"] == 3
     for pkg in ("selfrepair", "torch", "transformer_lens"):
         assert s["versions"][pkg]
     assert s["model"]["spec"] == "default" and re.fullmatch(r"[0-9a-f]{64}", s["model"]["weights_sha256"])
@@ -291,7 +293,7 @@ def test_resume_after_kill_gives_the_same_tables(full_run, tmp_path):
         pd.testing.assert_frame_equal(got[name], want[name], check_exact=False, rtol=1e-7, atol=1e-10, obj=name)
     # --force starts over (here with other settings)
     p = run_cli(["analyze", *SMALL[:2], "--n", "2", "--seq-len", "31", "--layers", "0", "--min-contribution", "0.5",
-                 "--out", str(out), "--no-png", "--force"], cwd=tmp_path)
+                 "--threads", "1", "--out", str(out), "--no-png", "--force"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     s2 = json.loads((out / "summary.json").read_text())
     assert s2["settings"]["layers"] == [0] and s2["task"]["n"] == 2 and s2["analysis_meta"]["n_batches_resumed"] == 0
