@@ -34,6 +34,7 @@ import torch
 
 from ._typing import Bool, Float, Int, Tensor
 from .tasks import Task
+from .ablation import _model_device, _model_dtype as _model_float_dtype
 
 
 @dataclass
@@ -120,17 +121,6 @@ def check_backend(backend) -> None:
         raise RuntimeError("the backend has no hook_pattern / hook_z / hook_v site; cannot analyse attention.")
 
 
-def _model_float_dtype(model) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def cached_run(
