@@ -39,15 +39,15 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
-import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .plots import atomic_write
+
 EXIT_ERROR = 2
 
-# --- defaults of the full study (see the README: measured to finish in well under 5 minutes on 2 CPU cores)
+# --- defaults of the full study: 29 s on an idle 2-core machine, 141 s on a busy one (the budget is 5 minutes)
 DEFAULT_TASK = "code-copy"
 DEFAULT_N = 512  # code-copy windows: ~240 groups on the shipped model; see the README for the timing
 DEFAULT_SEQ_LEN = None  # the task's own default length (code-copy: 128, induction: 61)
@@ -61,7 +61,7 @@ CLI_DEFAULTS = {"global_effects": True}  # the study compares local with global 
 #: flag spellings that differ from ``--<name>``
 CLI_FLAGS = {"global_effects": ["--global", "--global-effects"]}
 
-#: help text per analyze_self_repair argument (SPEC's wording); unknown names fall back to the docstring
+#: help text per analyze_self_repair argument (SPEC's wording)
 ANALYSIS_HELP = {
     "k": "number of keys per group (the top-k contributors of a row), 2 to 8",
     "min_contribution": "a row is analysed when at least k keys have contribution w_j = p_j (g . v_j) above this "
@@ -130,42 +130,19 @@ def analysis_parameters() -> list[inspect.Parameter]:
             if p.name not in ("model", "task") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def analysis_defaults(cli: bool = True) -> dict:
-    """Each analysis argument's default: the API's, with :data:`CLI_DEFAULTS` applied when ``cli``."""
-    d = {p.name: p.default for p in analysis_parameters()}
-    if cli:
-        d.update({k: v for k, v in CLI_DEFAULTS.items() if k in d})
-    return d
-
-
 def _annotation_text(p: inspect.Parameter) -> str:
     a = p.annotation
     return a if isinstance(a, str) else getattr(a, "__name__", None) or str(a)
 
 
-def _literal_choices(p: inspect.Parameter) -> Optional[list]:
-    """Choices from a ``Literal[...]`` annotation (string or typing object), if any."""
-    a = p.annotation
-    if isinstance(a, str):
-        m = re.search(r"Literal\[([^\]]*)\]", a)
-        if m:
-            vals = [v.strip().strip("'\"") for v in m.group(1).split(",") if v.strip()]
-            return vals or None
-        return None
-    if typing.get_origin(a) is typing.Literal:
-        return list(typing.get_args(a))
-    return None
+#: option -> the analysis module's tuple of valid values (argparse lists them and rejects others)
+CHOICES = {"select": "SELECT_MODES", "ablation": "ABLATIONS", "value_ablation": "VALUE_ABLATIONS"}
 
 
-def _module_choices(name: str) -> Optional[list]:
-    """Choices the analysis module publishes for ``name`` (e.g. ``ABLATIONS``), if any."""
-    from . import self_repair as sr
+def _choices(name: str) -> Optional[list]:
+    from . import self_repair
 
-    for attr in (f"{name.upper()}S", f"{name.upper()}_MODES", f"{name.upper()}_CHOICES", f"VALID_{name.upper()}"):
-        v = getattr(sr, attr, None)
-        if isinstance(v, (tuple, list, set, frozenset, dict)) and v and all(isinstance(x, str) for x in v):
-            return sorted(v) if isinstance(v, (set, frozenset)) else list(v)
-    return None
+    return list(getattr(self_repair, CHOICES[name])) if name in CHOICES else None
 
 
 def _int_list(text: str) -> list[int]:
@@ -175,17 +152,6 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers (e.g. '0 1' or '0,1'), got {text!r}") from None
 
 
-def _doc_help(name: str) -> Optional[str]:
-    from .self_repair import analyze_self_repair
-
-    for line in (inspect.getdoc(analyze_self_repair) or "").splitlines():
-        s = line.strip().lstrip("-* ")
-        for pre in (f"``{name}``", f"`{name}`", name):
-            if s.startswith(pre) and s[len(pre):len(pre) + 1] in (":", " "):
-                return s[len(pre):].lstrip(" :-")
-    return None
-
-
 def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     """One flag per analyze_self_repair argument, named and defaulted as in the Python API.
 
@@ -193,23 +159,22 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     name); booleans are ``--name/--no-name``.
     """
     g = parser.add_argument_group("analysis settings (selfrepair.analyze_self_repair's arguments, same names and defaults)")
-    cli_defaults = analysis_defaults(cli=True)
     for p in analysis_parameters():
-        name, default = p.name, cli_defaults[p.name]
+        name, default = p.name, CLI_DEFAULTS.get(p.name, p.default)
         flags = list(CLI_FLAGS.get(name) or [f"--{name.replace('_', '-')}"])
         aliases = [f for f in [f"--{name.replace('_', '-')}", f"--{name}"] if f not in flags]
-        help_ = ANALYSIS_HELP.get(name) or _doc_help(name) or f"analyze_self_repair's {name!r}"
+        help_ = ANALYSIS_HELP.get(name, f"analyze_self_repair's {name!r}")
         if name in CLI_DEFAULTS:
             help_ += f" (Python API default: {p.default!r})"
         kw: dict[str, Any] = dict(dest=name, default=default, help=help_)
         ann = _annotation_text(p)
-        if isinstance(default, bool) or (default is None and "bool" in ann):
+        if isinstance(default, bool):
             g.add_argument(*flags[:1], action=argparse.BooleanOptionalAction, **kw)
             for f in flags[1:] + aliases:  # hidden spellings of the same switch
                 g.add_argument(f, dest=name, action="store_true", default=default, help=argparse.SUPPRESS)
                 g.add_argument("--no-" + f[2:], dest=name, action="store_false", default=default, help=argparse.SUPPRESS)
             continue
-        choices = _literal_choices(p) or _module_choices(name)
+        choices = _choices(name)
         if _is_dtype(default):
             kw.update(default=str(default).replace("torch.", ""), choices=["float32", "float64"])
         elif isinstance(default, int):
@@ -251,12 +216,13 @@ def _flatten_lists(v):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    version = package_version()
+    from . import __version__ as version
+
     p = _Parser(prog="selfrepair", formatter_class=_Formatter,
                 description="Self-repair inside attention, measured by ablation and estimated with GIM gradients, "
                             "on TransformerLens models.",
                 epilog="Run `selfrepair analyze` with no arguments for the default study of the shipped model "
-                       "(offline, a few minutes on 2 CPU cores). `selfrepair COMMAND --help` explains each command.")
+                       "(offline; about 30 s on 2 idle CPU cores). `selfrepair COMMAND --help` explains each command.")
     p.add_argument("--version", action="version", version=f"selfrepair {version}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -309,8 +275,8 @@ Run the whole self-repair study of a model on a task and write it to a run folde
 then every figure as HTML and PNG, and summary.json (versions, model and its hash,
 task, every setting, seed, timings). With no arguments: the shipped model on
 {DEFAULT_TASK} with n={DEFAULT_N} prompts of the task's default length (128 tokens), the
-head ranking and faithfulness on the first {DEFAULT_ATTRIBUTION_N} of them, offline; about a
-minute on 2 CPU cores.
+head ranking and faithfulness on the first {DEFAULT_ATTRIBUTION_N} of them, offline; about 30 s
+on 2 idle CPU cores (on a machine busy with other jobs, --threads 1 keeps it fast).
 
 Output (--out, default a new folder under runs/): tables/*.parquet and *.csv,
 figures/*.html and *.png, summary.json. Partial results are kept batch by batch:
@@ -414,29 +380,6 @@ def _add_recipe_options(t: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- small utilities
 
 
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` to a temporary name beside ``path``, then rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_json(path: Path, obj) -> Path:
     return atomic_write(path, lambda t: t.write_text(json.dumps(_jsonable(obj), indent=1) + "\n"))
 
@@ -493,33 +436,14 @@ def read_table(tables_dir: Path, name: str):
     return df
 
 
-def package_version() -> str:
-    """selfrepair's version: ``selfrepair.__version__``, else the installed metadata, else pyproject's."""
-    import selfrepair
-
-    v = getattr(selfrepair, "__version__", None)
-    if v:
-        return str(v)
-    try:
-        from importlib.metadata import version as _v
-
-        return _v("selfrepair")
-    except Exception:
-        pass
-    pp = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    if pp.is_file():
-        m = re.search(r'^version\s*=\s*"([^"]+)"', pp.read_text(), flags=re.M)
-        if m:
-            return m.group(1)
-    return "unknown"
-
-
 def versions() -> dict:
     import platform
 
     import torch
 
-    out = {"selfrepair": package_version(), "python": platform.python_version(), "torch": torch.__version__}
+    from . import __version__
+
+    out = {"selfrepair": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for mod in ("transformer_lens", "transformers", "plotly", "kaleido", "pandas", "numpy"):
         try:
             from importlib.metadata import version as _v
@@ -860,6 +784,7 @@ def headline(tables: dict, settings: dict) -> dict:
     import numpy as np
 
     from . import plots
+    from .attribution import agreement
 
     g = tables["groups"]
     t = float(settings.get("threshold", 0.1))
@@ -903,7 +828,7 @@ def headline(tables: dict, settings: dict) -> dict:
             h["downstream_gap_median"] = float(g["downstream_gap"].median())
     if "heads" in tables:
         hd = tables["heads"]
-        h["head_ranking_spearman"] = {name: plots.spearman(hd["measured"], hd[f"{name}_estimate"])
+        h["head_ranking_spearman"] = {name: agreement(hd[f"{name}_estimate"], hd["measured"])["spearman"]
                                       for name in ("grad", "gim")}
     return h
 
@@ -913,7 +838,10 @@ def format_summary(h: dict, context: str) -> str:
     lines.append(f"groups analysed: {h['groups']} ({h['groups_defined']} with a defined ratio r, "
                  f"{h['groups_undefined']} below the effect floor)")
     sr = h.get("self_repairing")
-    if sr:
+    if not h["groups_defined"]:
+        lines.append("no group with a defined ratio, so none to flag: more prompts (--n) or a lower "
+                     "--min-contribution find more groups")
+    else:
         ci = f" [95% CI {sr['ci_low']:.1%}, {sr['ci_high']:.1%}]"
         lines.append(f"self-repairing (r > {h['threshold']:g}): {sr['fraction']:.1%}{ci}")
         lines.append("over the sweep: " + ", ".join(f"r > {s['threshold']:g}: {s['fraction']:.1%}" for s in h["sweep"]))
@@ -1149,8 +1077,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"selfrepair: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        # bad values found by the API itself (e.g. k out of range, unknown head): one line, not a traceback
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # bad input found by the library itself (k out of range, unknown head, a model it cannot analyse):
+        # one line, not a traceback; anything else is a bug and keeps its traceback
         if _debug() or not _is_user_error(e):
             raise
         print(f"selfrepair: error: {_first_line(e)}", file=sys.stderr)
@@ -1158,10 +1087,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Errors the library raises for bad input (ValueError, FileNotFoundError, ModelLoadError, RuntimeError from
-    checks) are reported as one line; anything else (a bug) keeps its traceback."""
-    return isinstance(e, (ValueError, FileNotFoundError)) or type(e).__name__ in ("ModelLoadError",) \
-        or (isinstance(e, RuntimeError) and "backend" in str(e))
+    """ValueError / FileNotFoundError (the library's checks of its inputs), ModelLoadError, and the
+    analysis' RuntimeError for a model whose backend offers no live attention site."""
+    from .loading import ModelLoadError
+
+    return isinstance(e, (ValueError, FileNotFoundError, ModelLoadError)) or "backend" in str(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,7 @@ __all__ = [
     "save_figure",
     "save_figures",
     "FigureExportError",
-    "spearman",
+    "atomic_write",
 ]
 
 # colours (colour-blind safe: Okabe-Ito)
@@ -71,7 +71,6 @@ NOT_COLOR = "#0072B2"  # not self-repairing
 NAN_COLOR = "#999999"  # ratio undefined
 TOP_COLOR = "#000000"
 GRAD_COLOR = "#0072B2"
-TSG_COLOR = "#009E73"
 GIM_COLOR = "#D55E00"
 MEASURED_COLOR = "#444444"
 
@@ -172,20 +171,12 @@ def _hover(df: pd.DataFrame, extra: Sequence[tuple[str, str, str]] = ()) -> list
     return out
 
 
-def spearman(x, y) -> float:
-    """Spearman rank correlation over pairs where both are finite (NaN with fewer than 3 pairs)."""
-    x = pd.Series(np.asarray(x, dtype=float))
-    y = pd.Series(np.asarray(y, dtype=float))
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
-        return float("nan")
-    return float(x[ok].rank().corr(y[ok].rank()))
+def _agreement(estimate, effect, **kw) -> dict:
+    """:func:`selfrepair.attribution.agreement` (Spearman, sign agreement, top-k overlap), the numbers
+    ``compare_estimates`` reports."""
+    from .attribution import agreement
 
-
-def _sign_agreement(x, y) -> float:
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    return float((np.sign(x[ok]) == np.sign(y[ok])).mean()) if ok.any() else float("nan")
+    return agreement(np.asarray(estimate, dtype=float), np.asarray(effect, dtype=float), **kw)
 
 
 def _range(*arrays, pad: float = 0.05) -> tuple[float, float]:
@@ -316,7 +307,8 @@ def plot_estimates(result, *, truth: str = "local", estimates: Optional[Sequence
     T = _settings(result).get("temperature", 2.0)
     titles = []
     for c in estimates:
-        rho, sa = spearman(x, df[c]), _sign_agreement(x, df[c])
+        a = _agreement(df[c], x)
+        rho, sa = a["spearman"], a["sign_agreement"]
         titles.append(f"{label.get(c, c).format(T=T)}<br><sup>Spearman {rho:.2f}, sign agreement {sa:.0%}</sup>")
     fig = make_subplots(rows=1, cols=len(estimates), subplot_titles=titles, horizontal_spacing=0.07)
     hover = np.array(_hover(df.assign(_x=x), [("measured", "_x", ".4g"), *[(c, c, ".4g") for c in estimates],
@@ -466,7 +458,7 @@ def plot_local_vs_global(result, *, threshold: Optional[float] = None, units: Op
     hover = np.array(_hover(df.assign(_x=x, _y=y), [("local E_S - \u03a3E_n", "_x", ".4g"), ("global G_S - \u03a3G_n", "_y", ".4g"),
                                                      ("r local", "interaction", ".3g"), ("r global", "global_interaction", ".3g"),
                                                      ("downstream gap", "downstream_gap", ".4g")]), dtype=object)
-    rho = spearman(x, y)
+    rho = _agreement(y, x)["spearman"]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.1,
                         subplot_titles=(f"interaction in metric units (Spearman {rho:.2f})",
                                         "downstream gap per layer"))
@@ -504,7 +496,7 @@ def plot_head_ranking(heads: pd.DataFrame, *, top: Optional[int] = None, units: 
     layer and head). Heads are sorted by the size of the measured effect
     ``|measured|`` (largest at the top); the title gives each estimate's
     Spearman correlation with the measured effects and how many of the top-5
-    heads by ``|measured|`` it also puts in its top 5.
+    heads by ``|measured|`` it also puts in its top 5 (``attribution.agreement``).
     """
     _require(heads, ["layer", "head", "measured"], "plot_head_ranking")
     measured = "measured"
@@ -523,17 +515,12 @@ def plot_head_ranking(heads: pd.DataFrame, *, top: Optional[int] = None, units: 
                          + ("<br>of which through later heads' queries/keys: %{customdata:.4g}" if qk is not None else "")
                          + "<extra></extra>"))
     info = []
-    def top_set(col):
-        idx = heads[col].astype(float).abs().sort_values(ascending=False, kind="stable").index[:5]
-        return set(zip(heads.loc[idx, "layer"], heads.loc[idx, "head"]))
-
-    top5 = top_set(measured)
     for (label, c), color in zip(ests, (GRAD_COLOR, GIM_COLOR)):
         fig.add_trace(go.Bar(y=names, x=d[c].to_numpy(float), orientation="h", name=label, marker_color=color,
                              hovertemplate="%{y}: " + label + " %{x:.4g}<extra></extra>"))
-        est_top = top_set(c)
-        info.append(f"{label.split(' ')[0]}: Spearman {spearman(heads[measured], heads[c]):.2f}, "
-                    f"top-5 overlap {len(top5 & est_top)}/{len(top5)}")
+        a = _agreement(heads[c], heads[measured], top_frac=min(1.0, 5 / max(len(heads), 1)))
+        info.append(f"{label.split(' ')[0]}: Spearman {a['spearman']:.2f}, "
+                    f"top-{a['topk']} overlap {round(a['topk_overlap'] * a['topk'])}/{a['topk']}")
     fig.update_layout(barmode="group")
     _base_layout(fig, "Heads ranked by the measured effect of ablating them (largest |effect| at the top)"
                       + (f"<br><sup>{'; '.join(info)}</sup>" if info else ""),
@@ -818,16 +805,30 @@ def plot_token_attributions(table: pd.DataFrame, prompt: Optional[int] = None, *
 # ----------------------------------------------------------------------------- saving
 
 
-def _atomic_write_text(path: Path, text: str):
+def atomic_write(path: Union[str, Path], write) -> Path:
+    """``write(tmp_path)`` to a temporary name beside ``path``, then rename it onto ``path`` (mode as umask says).
+
+    A reader never sees a half-written file; the CLI writes every table, JSON and figure this way.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _atomic_write_text(path: Path, text: str):
+    atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
 
 
 def _html(fig: go.Figure, path: Path, include_plotlyjs):

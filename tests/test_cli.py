@@ -252,10 +252,41 @@ def test_refuses_a_finished_run_without_force(full_run):
 
 def test_figures_redrawn_from_a_run(full_run, tmp_path):
     out, _, _ = full_run
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "09_old_figure.png").write_bytes(b"stale")  # a figure the run does not have
+    (tmp_path / "figs" / "notes.txt").write_text("not ours")
     assert cli.main(["figures", str(out), "--out", str(tmp_path / "figs"), "--no-png"]) == 0
     assert sorted(p.stem for p in (tmp_path / "figs").glob("*.html")) == sorted(FIGURE_KINDS)
+    assert not (tmp_path / "figs" / "09_old_figure.png").exists() and (tmp_path / "figs" / "notes.txt").exists()
     html = (tmp_path / "figs" / "01_joint_vs_sum.html").read_text()
     assert "cdn.plot.ly" in html  # the repository's figures/ stay small
+    # --figures-only redraws inside the run folder, from its tables
+    before = (out / "figures" / "03_head_heatmaps.html").stat().st_mtime_ns
+    assert cli.main(["analyze", "--out", str(out), "--figures-only", "--no-png"]) == 0
+    assert (out / "figures" / "03_head_heatmaps.html").stat().st_mtime_ns > before
+
+
+def test_prompts_jsonl_and_a_study_without_groups(tmp_path, capsys, shipped_model):
+    """Users' own prompts (ids form); a threshold of contribution no row reaches: a finished run, no crash."""
+    import hashlib
+
+    import selfrepair
+    from selfrepair import tasks
+
+    t = tasks.load("induction", selfrepair.load_model(), n=2, seed=3)
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"tokens": t.tokens[i].tolist(), "answer_id": int(t.answer_ids[i]),
+                                     "wrong_id": int(t.wrong_ids[i])}) + "\n" for i in range(2)))
+    out = tmp_path / "run"
+    assert cli.main(["analyze", "--prompts", str(f), "--min-contribution", "1000", "--out", str(out), "--no-png",
+                     "--threads", "1", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "groups analysed: 0" in text and "no group with a defined ratio" in text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["task"]["name"] == "jsonl" and s["task"]["n"] == 2
+    assert s["task"]["prompts_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert set(s["figures"]) == {"06_head_ranking", "08_token_attributions"}  # the rest need groups
+    assert len(pd.read_parquet(out / "tables" / "groups.parquet")) == 0
 
 
 def test_resume_after_kill_gives_the_same_tables(full_run, tmp_path):

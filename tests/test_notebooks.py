@@ -59,6 +59,9 @@ def test_notebook_executes(name, shipped_model, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # one torch thread: on a busy shared 2-core machine two threads are many times slower, on an idle one
+    # about as fast for these small models
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=NOTEBOOK_BUDGET_S, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
