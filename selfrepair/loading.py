@@ -333,7 +333,7 @@ def _hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT) -> bool:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
             ok.append(True)
-        except OSError:
+        except Exception:  # unreachable, refused, or anything else: treated as offline
             pass
 
     th = threading.Thread(target=attempt, daemon=True)
