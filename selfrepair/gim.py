@@ -6,16 +6,20 @@ backward pass of anything computed inside the block:
 1. TSG at every attention softmax (and nowhere else): the gradient reaching the
    scores is ``s * (g - <s, g>)`` with ``s = softmax(a / T)`` and ``g = dm/dp``,
    with no ``1/T`` factor (as in the paper's code and its package).
-   Where the backend has a live scores site (HF-wrapped bridges, TL 3) an
-   identity function at ``hook_attn_scores`` returns that gradient, with ``g``
-   captured by a second identity at ``hook_pattern``; the pair brackets
-   exactly the softmax. Where it has none (TL 4 native bridges) an identity at
-   ``hook_pattern`` hands the true softmax backward
+   Where the backend has a live scores site (HF-wrapped bridges, TL 3) gim
+   remembers the scores ``a`` at ``hook_attn_scores`` (no copy) and, at
+   ``hook_pattern``, splices in one autograd function whose forward returns the
+   backend's pattern unchanged and whose backward sends ``s * (g - <s, g>)``
+   straight to ``a``: the backend's own softmax backward is off the graph and
+   never runs, and ``s`` is computed once, in the backward. Masked keys get
+   ``s = 0`` because the backend already filled them (-inf in TL 3, the dtype
+   minimum in HF bridges; rows with no key at all, TL 3 left padding, give 0).
+   If another hook runs after gim's at the scores, or the scores are edited in
+   place, the softmax's input is not the tensor gim saw, and it falls back to
+   the pattern-site form below. Where there is no live scores site (TL 4 native
+   bridges) an identity at ``hook_pattern`` hands the true softmax backward
    ``g' = s * (g - <s, g>) / p`` (0 where ``p = 0``), ``s = p^(1/T) / sum p^(1/T)``,
    computed in float32 or better, which the softmax maps to the same result.
-   Masked keys get ``s = 0``: the scores the hook sees are already masked by
-   the backend (-inf in TL 3 / native bridges, the dtype minimum in HF
-   bridges) and the causal mask is applied explicitly on top.
    A softmax in the user's metric or anywhere else keeps its true gradient:
    nothing is patched process-wide.
 2. Normalisation freeze: every LayerNorm / RMSNorm scale (``hook_scale``, incl.
@@ -35,10 +39,15 @@ as permanent hooks owned by the context (a ``model.reset_hooks()`` inside the
 block leaves them), removed on exit also when the block raises; the user's own
 hooks are never touched. On a normal exit it checks that every hook it needed fired in every
 layer a forward pass reached (a forward-free block passes).
+
+Cost: a forward without gradients inside the block does no extra work; with them, the identities
+return aliases (no copies) unless another hook runs at the same point (then a copy, so that
+hook may edit in place). ``benchmarks/run.py`` measures the overhead (``gim_overhead``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -105,78 +114,136 @@ def tsg_pattern_grad(pattern: torch.Tensor, grad_pattern: torch.Tensor, temperat
 
 
 # ----------------------------------------------------------------------------- autograd pieces
-# Every function is an identity in the forward pass (a clone: bit-identical values, and
-# later in-place edits of the output by a backend stay legal).
+# Every function is an identity in the forward pass with bit-identical values. Its output is
+# an alias of the input (``view_as``: no copy) when no other hook runs after gim's at that hook
+# point, else a copy: a user's hook may edit the tensor in place, which autograd forbids on an
+# alias made inside a custom Function.
+
+
+def _same(x: torch.Tensor, copy: bool) -> torch.Tensor:
+    return x.clone() if copy else x.view_as(x)
+
+
+def _softmax_backward(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``s * (g - <s, g>)`` over the last dim (one fused kernel where torch has it)."""
+    fused = getattr(torch, "_softmax_backward_data", None)
+    if fused is not None:
+        try:
+            return fused(g, s, -1, s.dtype)
+        except (TypeError, RuntimeError):  # a torch whose private signature differs
+            pass
+    t = s * g
+    return t.addcmul_(s, t.sum(-1, keepdim=True), value=-1.0)
+
+
+#: CPU: rows are processed in blocks of about this many bytes, so the temporaries stay in cache
+#: and reuse one small allocation instead of faulting in fresh pages for every full-size tensor
+_BLOCK_BYTES = 1 << 18
+
+
+def _by_rows(fn: Callable, x: torch.Tensor, g: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(x, g, *args)`` on [..., k] tensors, row block by row block on the CPU (one call elsewhere)."""
+    k = x.shape[-1]
+    cd = _compute_dtype(x.dtype)
+    rows = max(1, _BLOCK_BYTES // (k * torch.finfo(cd).bits // 8))
+    X, G = x.reshape(-1, k), g.reshape(-1, k)
+    if x.device.type != "cpu" or X.shape[0] <= rows:
+        return fn(X, G, *args).view(x.shape)
+    out = torch.empty(X.shape, dtype=cd, device=x.device)
+    for i in range(0, X.shape[0], rows):
+        out[i:i + rows] = fn(X[i:i + rows], G[i:i + rows], *args)
+    return out.view(x.shape)
+
+
+def _tsg_from_scores_rows(a: torch.Tensor, g: torch.Tensor, temperature: float, nan_rows: bool) -> torch.Tensor:
+    cd = _compute_dtype(a.dtype)
+    s = torch.softmax(a.to(cd) * (1.0 / temperature), dim=-1)
+    if nan_rows:
+        s.nan_to_num_(0.0)
+    return _softmax_backward(g.to(cd), s)
+
+
+def _tsg_from_scores(a: torch.Tensor, g: torch.Tensor, temperature: float, nan_rows: bool) -> torch.Tensor:
+    """``s * (g - <s, g>)``, ``s = softmax(a / T)``: :func:`tsg_scores_grad` for scores whose masked
+    keys the backend already filled (no explicit mask), in float32 or better. ``nan_rows``: the fill
+    is -inf, so a row may have no key at all (TL 3 left padding) and gets 0."""
+    return _by_rows(_tsg_from_scores_rows, a, g, temperature, nan_rows)
+
+
+def _tsg_from_pattern_rows(p: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
+    cd = _compute_dtype(p.dtype)
+    p, g = p.to(cd), g.to(cd)
+    w = p.rsqrt() if temperature == 2.0 else p.pow(1.0 / temperature - 1.0)   # w = p^(1/T - 1)
+    w.masked_fill_(p == 0, 0.0)                                  # g' = 0 where p = 0 (a cast may follow)
+    s = p * w                                                    # p^(1/T)
+    tot = s.sum(-1, keepdim=True)
+    tot.masked_fill_(tot == 0, 1.0)
+    c = s.mul_(g).sum(-1, keepdim=True).div_(tot)                # <s, g> with s normalised
+    return torch.sub(g, c).mul_(w.div_(tot))                     # (s / p) * (g - <s, g>)
+
+
+def _tsg_from_pattern(p: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A pattern gradient ``g'`` that the true softmax backward ``p * (g' - <p, g'>)`` maps to the
+    TSG gradient ``s * (g - <s, g>)``, ``s = p^(1/T) / sum p^(1/T)``: ``g' = (s / p) (g - <s, g>)``
+    (:func:`tsg_pattern_grad` in fewer passes), ``g' = 0`` where ``p = 0`` (a large value there
+    would overflow where the backend casts the gradient down before its softmax, as HF Llama does)."""
+    return _by_rows(_tsg_from_pattern_rows, p, g, temperature)
 
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale):
+    def forward(ctx, x, scale, copy):
         ctx.scale = scale
-        return x.clone()
+        return _same(x, copy)
 
     @staticmethod
     def backward(ctx, g):
-        return g * ctx.scale, None
+        return g * ctx.scale, None, None
 
 
-class _Box:
-    """Carries dm/dp from the pattern identity to the scores identity of the same call."""
+class _TSGSoftmax(torch.autograd.Function):
+    """The attention softmax with the TSG backward, spliced in at ``hook_pattern``.
 
-    __slots__ = ("grad",)
+    Forward: returns the backend's own pattern ``p`` (values untouched). Backward:
+    returns ``s * (g - <s, g>)``, ``s = softmax(a / T)``, straight to the scores
+    ``a`` that the paired ``hook_attn_scores`` saw, so the backend's own softmax
+    backward never runs (``p`` enters detached: the softmax is off the graph).
+    ``a`` is saved as is (autograd's version counter guards it) and ``s`` is
+    computed once, in the backward, in float32 or better.
+    """
 
-    def __init__(self):
-        self.grad = None
-
-
-class _CapturePatternGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p, box):
-        ctx.box = box
-        return p.clone()
+    def forward(ctx, a, p, temperature, nan_rows, copy):
+        ctx.temperature, ctx.nan_rows = temperature, nan_rows
+        ctx.save_for_backward(a)
+        return _same(p, copy)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.box.grad = g
-        return g, None
-
-
-class _TSGAtScores(torch.autograd.Function):
-    """Identity on the scores; backward returns ``s * (g - <s, g>)`` with g from the paired pattern."""
-
-    @staticmethod
-    def forward(ctx, a, box, temperature):
-        ctx.box = box
-        ctx.temperature = temperature
-        ctx.save_for_backward(a.detach().clone())
-        return a.clone()
-
-    @staticmethod
-    def backward(ctx, grad_scores):
-        g = ctx.box.grad
-        if g is None:  # the pattern got no gradient: nothing flowed through the softmax
-            return grad_scores, None, None
-        ctx.box.grad = None
         (a,) = ctx.saved_tensors
-        if g.shape != a.shape:
-            raise GIMHookError(f"TSG: pattern gradient shape {tuple(g.shape)} != scores shape {tuple(a.shape)}; "
-                               "the backend's scores and pattern hooks are not one softmax's input and output.")
-        return tsg_scores_grad(a, g, ctx.temperature).to(grad_scores.dtype), None, None
+        return _tsg_from_scores(a, g, ctx.temperature, ctx.nan_rows).to(a.dtype), None, None, None, None
 
 
 class _TSGAtPattern(torch.autograd.Function):
     """Identity on the softmax output p; backward hands ``s * (g - <s, g>) / p`` to the softmax."""
 
     @staticmethod
-    def forward(ctx, p, temperature):
+    def forward(ctx, p, temperature, copy):
         ctx.temperature = temperature
-        ctx.save_for_backward(p.detach().clone())
-        return p.clone()
+        ctx.save_for_backward(p)       # the softmax saved it too: an in-place edit would fail both
+        return _same(p, copy)
 
     @staticmethod
     def backward(ctx, g):
         (p,) = ctx.saved_tensors
-        return tsg_pattern_grad(p, g, ctx.temperature).to(g.dtype), None
+        return _tsg_from_pattern(p, g, ctx.temperature).to(g.dtype), None, None
+
+
+def _others_after(hook) -> bool:
+    """True if the hook point runs any forward hook besides the calling one (which is first or last);
+    also when that cannot be told (then gim copies, which is always safe)."""
+    fwd = getattr(hook, "_forward_hooks", None)
+    return fwd is None or len(fwd) > 1
 
 
 # ----------------------------------------------------------------------------- hook bookkeeping
@@ -223,6 +290,7 @@ class _HookSet:
                 raise GIMHookError(f"could not identify the hook gim added at {name!r}.")
             handle = new[0]
         self.added.append((hp, handle))
+        return hp, handle
 
     def remove(self):
         while self.added:
@@ -268,27 +336,47 @@ def _tsg(hooks: _HookSet, backend, temperature: float) -> Iterator[None]:
         if not backend.scores_hook or not getattr(backend, "scores_live", True):
             raise GIMHookError("gim: the backend reports score_site='scores' but has no live scores hook; "
                                "TSG cannot be applied there.")
-        pending: Dict[int, _Box] = {}
+        pending: Dict[int, Tuple[torch.Tensor, int, bool]] = {}
+        fill = getattr(backend, "masked_score_value", None)
+        nan_rows = fill is None or not math.isfinite(fill)   # finite fills never leave a row without keys
 
         def at_scores(layer):
+            mine = {}
+
             def fn(a, hook):
-                box = _Box()
-                pending[layer] = box
-                return _TSGAtScores.apply(a, box, temperature)
+                hp, handle = mine["hp"], mine["handle"]
+                # ours must be the last hook to touch the scores: if a hook added later (a user's
+                # run_with_hooks inside the block) runs after it, the softmax's input is not ``a``
+                last = next(reversed(hp._forward_hooks), None) == getattr(handle.hook, "id", None)
+                pending[layer] = (a, a._version, last)  # a reference, no copy: the backward recomputes s
+                return a
+            fn.mine = mine
             return fn
 
         def at_pattern(layer):
             def fn(p, hook):
-                box = pending.pop(layer, None)
-                if box is None:
+                if layer not in pending:
                     raise GIMHookError(f"gim: hook_pattern of layer {layer} fired without its scores hook "
                                        "firing first; TSG cannot pair the softmax's input and output.")
-                return _CapturePatternGrad.apply(p, box)
+                a, version, last = pending.pop(layer)
+                if not (torch.is_grad_enabled() and (a.requires_grad or p.requires_grad)):
+                    return p                            # no backward will run: nothing to do
+                if a.shape != p.shape:
+                    raise GIMHookError(f"gim: TSG at layer {layer}: scores shape {tuple(a.shape)} != pattern shape "
+                                       f"{tuple(p.shape)}; the backend's scores and pattern hooks are not one "
+                                       "softmax's input and output.")
+                copy = _others_after(hook)
+                if not last or a._version != version:
+                    # another hook ran after ours, or the scores were edited in place: the softmax's
+                    # input is not the tensor we saw, so take s from p (the pattern-site TSG)
+                    return _TSGAtPattern.apply(p, temperature, copy)
+                return _TSGSoftmax.apply(a, p.detach(), temperature, nan_rows, copy)
             return fn
 
         for l in range(backend.n_layers):
             # scores: after the user's hooks (closest to the softmax); pattern: before them
-            hooks.add("tsg_scores", backend.hook(backend.scores_hook, l), l, at_scores(l))
+            f = at_scores(l)
+            f.mine["hp"], f.mine["handle"] = hooks.add("tsg_scores", backend.hook(backend.scores_hook, l), l, f)
             hooks.add("tsg_pattern", backend.hook(backend.pattern_hook, l), l, at_pattern(l), prepend=True)
         try:
             yield
@@ -296,7 +384,9 @@ def _tsg(hooks: _HookSet, backend, temperature: float) -> Iterator[None]:
             pending.clear()
     elif site == "pattern":
         def fn(p, hook):
-            return _TSGAtPattern.apply(p, temperature)
+            if not (torch.is_grad_enabled() and p.requires_grad):
+                return p
+            return _TSGAtPattern.apply(p, temperature, _others_after(hook))
 
         for l in range(backend.n_layers):
             hooks.add("tsg_pattern", backend.hook(backend.pattern_hook, l), l, fn, prepend=True)
@@ -333,12 +423,18 @@ def _freeze_norm(hooks: _HookSet, model, backend) -> Iterator[None]:
         yield
 
 
+def _scale_hook(x, hook, scale):
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _ScaleGrad.apply(x, scale, _others_after(hook))
+
+
 @contextmanager
 def _scale_site(hooks: _HookSet, backend, component: str, template: Optional[str], scale: float) -> Iterator[None]:
     if not template:
         raise GIMHookError(f"gim: {component} is on but the backend has no hook for it.")
     for l in range(backend.n_layers):
-        hooks.add(component, backend.hook(template, l), l, lambda x, hook, s=scale: _ScaleGrad.apply(x, s))
+        hooks.add(component, backend.hook(template, l), l, functools.partial(_scale_hook, scale=scale))
     yield
 
 

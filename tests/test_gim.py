@@ -148,6 +148,39 @@ def test_tsg_formulas_against_explicit_jacobian():
 # ----------------------------------------------------------------------------- TSG on every backend
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_internal_tsg_kernels_equal_the_reference_formulas(dtype):
+    """gim's fast kernels (processed in row blocks on the CPU) against the public reference formulas:
+    the scores form on backend-masked scores (dtype-minimum fill, and -inf with rows that have no
+    key at all), the pattern form on softmax outputs with exact zeros; many blocks (3 x 4 x 300 rows)."""
+    from selfrepair.gim import _BLOCK_BYTES, _tsg_from_pattern, _tsg_from_scores
+
+    g = torch.Generator().manual_seed(3)
+    b, h, n = 3, 4, 300
+    assert b * h * n * n * torch.finfo(dtype).bits // 8 > 10 * _BLOCK_BYTES     # several blocks
+    a = torch.randn(b, h, n, n, generator=g, dtype=torch.float64).to(dtype) * 3
+    gp = torch.randn(b, h, n, n, generator=g, dtype=torch.float64).to(dtype)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for temperature in (2.0, 1.5, 0.5):
+        finite = a.masked_fill(~causal, torch.finfo(dtype).min)
+        torch.testing.assert_close(_tsg_from_scores(finite, gp, temperature, False),
+                                   tsg_scores_grad(finite, gp, temperature), **tol)
+        inf = a.masked_fill(~causal, float("-inf")).clone()
+        inf[1, :, :5] = float("-inf")                                           # rows without any key
+        got = _tsg_from_scores(inf, gp, temperature, True)
+        assert torch.isfinite(got).all() and float(got[1, :, :5].abs().max()) == 0.0
+        torch.testing.assert_close(got, tsg_scores_grad(inf, gp, temperature), **tol)
+        # pattern form: what matters is the true softmax backward of g', p (g' - <p, g'>), which must
+        # be the TSG gradient (float64 reference from the scores); g' itself is ill-conditioned where p is tiny
+        p = torch.softmax(inf, -1).nan_to_num(0.0)
+        want = tsg_scores_grad(inf.double(), gp.double(), temperature)
+        for gq in (_tsg_from_pattern(p, gp, temperature), tsg_pattern_grad(p, gp, temperature)):
+            assert gq.dtype == dtype and float(gq[p == 0].abs().max()) == 0.0
+            pd, gd = p.double(), gq.double()
+            torch.testing.assert_close(pd * (gd - (pd * gd).sum(-1, keepdim=True)), want, **tol)
+
+
 @pytest.mark.parametrize("model", ["gpt2_bridge64", "llama_bridge64", "stories_model"], indirect=True)
 def test_tsg_at_scores_equals_explicit_jacobian(model):
     """Score-site backends: the gradient at hook_attn_scores inside gim(TSG only) equals
@@ -199,6 +232,119 @@ def test_tsg_at_pattern_on_native_bridge(model):
         ga = explicit_tsg(a, gp, mask, T)
         want = torch.einsum("bhqk,bkhd->bqhd", ga, k.double()) / scale
         torch.testing.assert_close(gq.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def _embed_grad(model, toks, extra=(), **kw):
+    """GIM gradient of sum_b m at hook_embed; ``extra`` hooks are added INSIDE the gim block (after
+    gim's), as a user's run_with_hooks inside it would. Returns (grad, backend)."""
+    leaf = {}
+
+    def grab(x, hook):
+        leaf["e"] = x.detach().requires_grad_(True)
+        return leaf["e"]
+
+    b = selfrepair.probe(model)
+    with torch.enable_grad(), gim(model, **kw):
+        with model.hooks(fwd_hooks=[("hook_embed", grab)] + list(extra)):
+            logits = model(toks)
+            m = (logits[:, -1, 5] - logits[:, -1, 7]).sum()
+            (g,) = torch.autograd.grad(m, leaf["e"])
+    return g, b
+
+
+def _record(kinds):
+    def f(x, hook):
+        kinds[hook.name] = type(x.grad_fn).__name__
+        return x
+    return f
+
+
+@pytest.mark.parametrize("model", ["gpt2_bridge64", "llama_bridge64", "stories_model"], indirect=True)
+def test_tsg_fast_path_equals_the_pattern_site_fallback(model):
+    """On score-site backends gim's TSG is one autograd function spliced in at hook_pattern that
+    sends s * (g - <s, g>) straight to the scores (the backend's softmax backward is skipped) and
+    returns the pattern as an alias when no other hook runs there. When a hook added inside the
+    block runs after gim's at the scores (out of place or in place), the softmax input is not the
+    tensor gim saw, and gim falls back to the pattern-site TSG. All routes give the same gradient
+    (to float rounding), and a user's in-place edit of the pattern inside the block stays legal."""
+    b = selfrepair.probe(model)
+    toks = tokens_for(model, b=2, n=12)
+    L = range(b.n_layers)
+    scores = [b.hook(b.scores_hook, l) for l in L]
+    pats = [b.hook(b.pattern_hook, l) for l in L]
+    fast, _ = _embed_grad(model, toks)                                     # aliases, no other hooks
+    kinds = {}
+    copied, _ = _embed_grad(model, toks, [(n, _record(kinds)) for n in pats])
+    assert set(kinds.values()) == {"_TSGSoftmaxBackward"}, kinds
+    assert torch.equal(fast, copied)
+    kinds.clear()
+    out_of_place, _ = _embed_grad(model, toks, [(n, lambda x, hook: x * 1.0) for n in scores]
+                                  + [(n, _record(kinds)) for n in pats])
+    assert set(kinds.values()) == {"_TSGAtPatternBackward"}, kinds
+    kinds.clear()
+    in_place, _ = _embed_grad(model, toks, [(n, lambda x, hook: x.add_(0.0)) for n in scores]
+                              + [(n, _record(kinds)) for n in pats])
+    assert set(kinds.values()) == {"_TSGAtPatternBackward"}, kinds
+    tol = dict(rtol=1e-6, atol=1e-6 * float(fast.abs().max()))
+    torch.testing.assert_close(out_of_place, fast, **tol)
+    torch.testing.assert_close(in_place, fast, **tol)
+    assert not torch.allclose(fast, _embed_grad(model, toks, temperature=None)[0])  # TSG did something
+
+    def edit(x, hook):
+        x[:, 0, -1, 0] = x[:, 0, -1, 0] * 1.0     # the TL idiom: edit the pattern in place
+        return x
+    edited, _ = _embed_grad(model, toks, [(n, edit) for n in pats])
+    torch.testing.assert_close(edited, fast, **tol)
+
+
+@pytest.mark.parametrize("model", ["gpt2_bridge64", "llama_bridge64"], indirect=True)
+def test_tsg_follows_a_user_edit_of_the_scores_inside_the_block(model):
+    """A user hook added inside the block rescales the scores (a' = a / 2, out of place): TSG must
+    act on the softmax's real input a', and the gradient must pass through the user's edit:
+    dm/da = 1/2 (diag(s') - s' s'^T) g_p with s' = softmax(a' / T)."""
+    b = selfrepair.probe(model)
+    toks = tokens_for(model, b=2, n=10)
+    names = [b.hook(b.scores_hook, l) for l in range(b.n_layers)] + [b.hook(b.pattern_hook, l) for l in range(b.n_layers)]
+    halve = [(b.hook(b.scores_hook, l), lambda x, hook: x * 0.5) for l in range(b.n_layers)]
+
+    class Ctx:
+        def __enter__(self):
+            self.g = gim(model, **only(temperature=T))
+            self.g.__enter__()
+            self.h = model.hooks(fwd_hooks=halve)
+            self.h.__enter__()
+
+        def __exit__(self, *exc):
+            self.h.__exit__(*exc)
+            return self.g.__exit__(*exc)
+
+    _, caps = run(model, toks, names, Ctx())
+    mask = torch.ones(10, 10, dtype=torch.bool).tril()
+    for l in range(b.n_layers):
+        a, got = caps[b.hook(b.scores_hook, l)]
+        _, gp = caps[b.hook(b.pattern_hook, l)]
+        want = 0.5 * explicit_tsg(0.5 * a.double(), gp, mask, T)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("model", ["native64", "native_gated"], indirect=True)
+def test_native_alias_and_copy_agree(model):
+    """Native bridges: the pattern-site TSG returns an alias when no other hook runs at hook_pattern
+    and a copy otherwise (a user's in-place pattern edit stays legal); same gradient either way."""
+    b = selfrepair.probe(model)
+    toks = tokens_for(model, b=2, n=12)
+    pats = [b.hook(b.pattern_hook, l) for l in range(b.n_layers)]
+    fast, _ = _embed_grad(model, toks)
+    kinds = {}
+    copied, _ = _embed_grad(model, toks, [(n, _record(kinds)) for n in pats])
+    assert set(kinds.values()) == {"_TSGAtPatternBackward"}, kinds
+    assert torch.equal(fast, copied)
+
+    def edit(x, hook):
+        x[:, 0, -1, 0] = x[:, 0, -1, 0] * 1.0
+        return x
+    edited, _ = _embed_grad(model, toks, [(n, edit) for n in pats])
+    torch.testing.assert_close(edited, fast, rtol=1e-9, atol=1e-9 * float(fast.abs().max()))
 
 
 @pytest.mark.parametrize("model", MODELS, indirect=True)

@@ -116,6 +116,47 @@ def test_tsg_equals_explicit_jacobian(model):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+def test_tsg_fast_path_and_rows_without_keys(model):
+    """The TSG autograd function spliced in at hook_pattern (the backend's softmax backward skipped)
+    is the one used on TL 3, and left padding -- query rows whose every key is -inf, which TL 3 turns
+    into a zero pattern row -- gives finite gradients equal to the explicit Jacobian (0 on those rows)."""
+    b = selfrepair.probe(model)
+    kinds = {}
+
+    def record(x, hook):
+        kinds[hook.name] = type(x.grad_fn).__name__
+        return x
+
+    t = toks(model)
+    am = torch.ones_like(t)
+    am[1, :3] = 0                                  # left padding on prompt 1
+    names = [b.hook(b.scores_hook, l) for l in range(b.n_layers)] + [b.hook(b.pattern_hook, l) for l in range(b.n_layers)]
+    caps = {}
+
+    def cap(name):
+        def f(x, hook):
+            x.retain_grad()
+            caps[name] = x
+            return x
+        return f
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, cap(n)) for n in names]):
+        with gim(model, **only(temperature=T)), model.hooks(fwd_hooks=[(n, record) for n in names[b.n_layers:]]):
+            logits = model(t, attention_mask=am)
+            (logits[:, -1, 5] - logits[:, -1, 7]).sum().backward(inputs=[caps[n] for n in names])
+    assert set(kinds.values()) == {"_TSGSoftmaxBackward"}, kinds
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None] & am.bool()[:, None, :]
+    mask = mask[:, None]
+    for l in range(b.n_layers):
+        a, got = caps[b.hook(b.scores_hook, l)], caps[b.hook(b.scores_hook, l)].grad
+        gp = caps[b.hook(b.pattern_hook, l)].grad
+        assert torch.isfinite(got).all()
+        assert torch.isneginf(a[1, :, :3]).all()   # the padded queries see no key at all
+        want = explicit_tsg(a.detach(), gp, mask.expand_as(a), T)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        assert float(got[1, :, :3].abs().max()) == 0.0
+
+
 def test_norm_freeze_equals_detached_scale(model):
     b = selfrepair.probe(model)
     handles = []
