@@ -56,8 +56,8 @@ machine and, on a shared machine, on its load).
    the lengths of the main model and GPT-2 small, goal <= 1.2 at every length;
    ``gim_overhead_native`` the same on the native twin) and versus gim-explain's ``GIM``
    where it runs (a TL-native bridge of the main model's shape; on HF-wrapped bridges
-   it crashes, which is recorded). Where the overhead passes 1.2, each GIM component is
-   timed alone (``components``).
+   it crashes, which is recorded). Where the overhead passes 1.2 (or with
+   ``--gim-components``), each GIM component is timed alone (``components``).
 4. ``--device cuda``: the same on a GPU, plus the engine's throughput (ablations/s) and
    its FLOP rate (the minimal work of ``flops()['minimum_tight']`` per second of
    ``measure_z_edits``, a lower bound on what the hardware executes) as a share of the
@@ -730,8 +730,8 @@ def bench_gim(model, info, jobs: List[tuple], args, device: str, label: str, wit
         if theirs is not None:
             row["gim_explain"] = theirs if isinstance(theirs, str) else dict(
                 seconds=theirs, overhead=t["_ratios"]["gim-explain GIM"])
-        if row["gim_overhead"] > GOAL_GIM:
-            log(f"[gim]   overhead {row['gim_overhead']:.2f} > {GOAL_GIM}: timing each component alone")
+        if row["gim_overhead"] > GOAL_GIM or getattr(args, "gim_components", False):
+            log(f"[gim]   overhead {row['gim_overhead']:.2f}: timing each component alone")
             comp = time_variants(model, task, gim_variants(model, False, components=True), args.gim_rounds, device,
                                  args.min_sample)
             row["components_overhead"] = {k: v for k, v in comp["_ratios"].items() if k.startswith("gim")}
@@ -779,6 +779,8 @@ def parse(argv=None):
     s.add_argument("--gim-rounds", type=int, default=None)
     s.add_argument("--min-sample", type=float, default=None,
                    help="GIM: repeat calls so that one timing sample lasts at least this many seconds (0.5)")
+    s.add_argument("--gim-components", action="store_true",
+                   help="GIM: time each component alone at every length (by default only where the overhead > 1.2)")
     ap.add_argument("--_local-worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 

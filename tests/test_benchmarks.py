@@ -29,7 +29,7 @@ def _run(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def quick():
-    p = _run("--quick", "--json")
+    p = _run("--quick", "--json", "--gim-components")
     assert p.returncode == 0, p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
     return json.loads(last), p.stdout
@@ -65,6 +65,10 @@ def test_quick_sections_complete(quick):
     assert len(out["gim"]) >= 3                  # main model at two lengths + its native-bridge twin
     for r in out["gim"]:
         assert math.isfinite(r["gim_overhead"]) and r["gim_overhead"] > 0
+        comp = r["components_overhead"]           # --gim-components: every component timed alone
+        assert set(comp) == {"gim: TSG only", "gim: norm freeze only", "gim: q/k/v scales only",
+                             "gim: all off (hooks only)"}, comp
+        assert all(math.isfinite(v) and v > 0 for v in comp.values()), comp
     # gim-explain runs on the native twin and crashes on the HF-wrapped bridge: both recorded, neither fatal
     native = [r for r in out["gim"] if r["model"].startswith("native")]
     assert native and "gim_explain" in native[0]
