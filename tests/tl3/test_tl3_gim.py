@@ -65,7 +65,9 @@ def n_hooks(model):
     return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
 
 
-def run(model, tokens, names, ctx=None):
+def run(model, tokens, names, ctx=None, attention_mask=None, inner=()):
+    """Forward + backward of sum_b m; -> (logits, {name: (value, grad)}). Capture hooks run before
+    ``ctx``'s; ``inner`` hooks are added inside ``ctx`` (after gim's)."""
     caps = {}
 
     def cap(name):
@@ -76,8 +78,8 @@ def run(model, tokens, names, ctx=None):
         return f
 
     with torch.enable_grad(), model.hooks(fwd_hooks=[(n, cap(n)) for n in names]):
-        with (ctx if ctx is not None else torch.enable_grad()):
-            logits = model(tokens)
+        with (ctx if ctx is not None else torch.enable_grad()), model.hooks(fwd_hooks=list(inner)):
+            logits = model(tokens, attention_mask=attention_mask)
             (logits[:, -1, 5] - logits[:, -1, 7]).sum().backward(inputs=[caps[n] for n in names])
     return logits.detach(), {n: (caps[n].detach(), caps[n].grad) for n in names}
 
@@ -131,28 +133,16 @@ def test_tsg_fast_path_and_rows_without_keys(model):
     am = torch.ones_like(t)
     am[1, :3] = 0                                  # left padding on prompt 1
     names = [b.hook(b.scores_hook, l) for l in range(b.n_layers)] + [b.hook(b.pattern_hook, l) for l in range(b.n_layers)]
-    caps = {}
-
-    def cap(name):
-        def f(x, hook):
-            x.retain_grad()
-            caps[name] = x
-            return x
-        return f
-
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, cap(n)) for n in names]):
-        with gim(model, **only(temperature=T)), model.hooks(fwd_hooks=[(n, record) for n in names[b.n_layers:]]):
-            logits = model(t, attention_mask=am)
-            (logits[:, -1, 5] - logits[:, -1, 7]).sum().backward(inputs=[caps[n] for n in names])
+    _, caps = run(model, t, names, gim(model, **only(temperature=T)), attention_mask=am,
+                  inner=[(n, record) for n in names[b.n_layers:]])
     assert set(kinds.values()) == {"_TSGSoftmaxBackward"}, kinds
-    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None] & am.bool()[:, None, :]
-    mask = mask[:, None]
+    mask = (torch.ones(9, 9, dtype=torch.bool).tril()[None] & am.bool()[:, None, :])[:, None]
     for l in range(b.n_layers):
-        a, got = caps[b.hook(b.scores_hook, l)], caps[b.hook(b.scores_hook, l)].grad
-        gp = caps[b.hook(b.pattern_hook, l)].grad
+        a, got = caps[b.hook(b.scores_hook, l)]
+        _, gp = caps[b.hook(b.pattern_hook, l)]
         assert torch.isfinite(got).all()
         assert torch.isneginf(a[1, :, :3]).all()   # the padded queries see no key at all
-        want = explicit_tsg(a.detach(), gp, mask.expand_as(a), T)
+        want = explicit_tsg(a, gp, mask.expand_as(a), T)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         assert float(got[1, :, :3].abs().max()) == 0.0
 
