@@ -359,16 +359,17 @@ def _tsg(hooks: _HookSet, backend, temperature: float) -> Iterator[None]:
                     raise GIMHookError(f"gim: hook_pattern of layer {layer} fired without its scores hook "
                                        "firing first; TSG cannot pair the softmax's input and output.")
                 a, version, last = pending.pop(layer)
-                if not (torch.is_grad_enabled() and (a.requires_grad or p.requires_grad)):
+                if not (torch.is_grad_enabled() and p.requires_grad):
                     return p                            # no backward will run: nothing to do
                 if a.shape != p.shape:
                     raise GIMHookError(f"gim: TSG at layer {layer}: scores shape {tuple(a.shape)} != pattern shape "
                                        f"{tuple(p.shape)}; the backend's scores and pattern hooks are not one "
                                        "softmax's input and output.")
                 copy = _others_after(hook)
-                if not last or a._version != version:
-                    # another hook ran after ours, or the scores were edited in place: the softmax's
-                    # input is not the tensor we saw, so take s from p (the pattern-site TSG)
+                if not last or a._version != version or not a.requires_grad:
+                    # another hook ran after ours, or the scores were edited in place (or cut off the
+                    # graph): the softmax's input is not the tensor we saw, so take s from p (the
+                    # pattern-site TSG)
                     return _TSGAtPattern.apply(p, temperature, copy)
                 return _TSGSoftmax.apply(a, p.detach(), temperature, nan_rows, copy)
             return fn
