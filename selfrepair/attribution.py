@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._typing import Float, Tensor
+from .ablation import _model_device, _model_dtype, _out_dtype
 from .gim import gim
 from .tasks import Task, bos_id, get_tokenizer
 
@@ -47,22 +48,9 @@ RANDOM_SEEDS = (0, 1, 2, 3, 4)
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _model_dtype(model) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def _calc_dtype(model) -> torch.dtype:
     """Analysis arithmetic: float64 for float64 models, float32 otherwise."""
-    return torch.promote_types(_model_dtype(model), torch.float32)
+    return _out_dtype(_model_dtype(model))
 
 
 def _check_task(task) -> None:
@@ -79,7 +67,7 @@ def _check_method(method: str, gim_options: dict) -> None:
 
 
 def _logits(model, tokens: Tensor) -> Tensor:
-    logits = model(tokens.to(_device(model)))
+    logits = model(tokens.to(_model_device(model)))
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
@@ -119,7 +107,7 @@ def _token_embedding(model, token_id: int) -> Tensor:
         got["e"] = x.detach()[0, 0]
 
     with torch.no_grad(), model.hooks(fwd_hooks=[("hook_embed", save)]):
-        model(torch.tensor([[token_id]], device=_device(model)))
+        model(torch.tensor([[token_id]], device=_model_device(model)))
     if "e" not in got:
         raise RuntimeError("hook_embed did not fire; explain needs the token embedding hook.")
     return got["e"]
@@ -346,7 +334,7 @@ def _frozen_qk_effects(model, task, backend, z_abl: Sequence[Tensor], batch_size
     L, H = backend.n_layers, backend.n_heads
     B = len(task)
     out = torch.zeros(B, L, H, dtype=torch.float64)
-    dev = _device(model)
+    dev = _model_device(model)
     jobs = [(s, sub) for s, sub in task.batches(batch_size)]
     bar = tqdm(total=len(jobs) * L * H, disable=not progress, desc="frozen-QK ablations")
     for start, sub in jobs:
