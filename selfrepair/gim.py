@@ -52,9 +52,11 @@ import math
 import re
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+
+from .ablation import _out_dtype  # float32 or better: float64 stays float64
 
 __all__ = ["gim", "GIMHookError", "tsg_scores_grad", "tsg_pattern_grad"]
 
@@ -64,11 +66,6 @@ class GIMHookError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- pure formulas
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bf16/float32, float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _causal(nq: int, nk: int, device) -> torch.Tensor:
@@ -83,34 +80,17 @@ def tsg_scores_grad(scores: torch.Tensor, grad_pattern: torch.Tensor, temperatur
     negative); the causal mask is applied on top. Rows without any unmasked
     key give 0. Computed in float32 or better; returned in that dtype.
     """
-    cd = _compute_dtype(scores.dtype)
-    a = scores.detach().to(cd)
+    a = scores.detach().to(_out_dtype(scores.dtype))
     nq, nk = a.shape[-2:]
     a = a.masked_fill(~_causal(nq, nk, a.device), float("-inf"))
-    s = torch.softmax(a / float(temperature), dim=-1)
-    s = torch.nan_to_num(s, nan=0.0)  # fully masked rows
-    g = grad_pattern.to(cd)
-    return s * (g - (s * g).sum(-1, keepdim=True))
-
-
-def _pattern_softened(p: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``s = p^(1/T) / sum p^(1/T)`` in float32 or better (0 where p = 0, 0 rows stay 0)."""
-    pf = p.detach().to(_compute_dtype(p.dtype)).clamp_min(0)
-    s = pf.pow(1.0 / float(temperature))
-    tot = s.sum(-1, keepdim=True)
-    return torch.where(tot > 0, s / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(s))
+    return _tsg_from_scores(a, grad_pattern, float(temperature), nan_rows=True)
 
 
 def tsg_pattern_grad(pattern: torch.Tensor, grad_pattern: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The pattern gradient ``g' = s * (g - <s, g>) / p`` (0 where p = 0) that the true softmax
-    backward ``p * (g' - <p, g'>)`` maps to the TSG gradient ``s * (g - <s, g>)`` (SPEC, "GIM")."""
-    cd = _compute_dtype(pattern.dtype)
-    pf = pattern.detach().to(cd)
-    s = _pattern_softened(pattern, temperature)
-    g = grad_pattern.to(cd)
-    t = s * (g - (s * g).sum(-1, keepdim=True))
-    pos = pf > 0
-    return torch.where(pos, t / torch.where(pos, pf, torch.ones_like(pf)), torch.zeros_like(t))
+    """The pattern gradient ``g' = s * (g - <s, g>) / p`` (0 where p = 0), ``s = p^(1/T) / sum p^(1/T)``,
+    that the true softmax backward ``p * (g' - <p, g'>)`` maps to the TSG gradient ``s * (g - <s, g>)``
+    (SPEC, "GIM"). Computed in float32 or better; returned in that dtype."""
+    return _tsg_from_pattern(pattern.detach().clamp_min(0), grad_pattern, float(temperature))
 
 
 # ----------------------------------------------------------------------------- autograd pieces
@@ -144,7 +124,7 @@ _BLOCK_BYTES = 1 << 18
 def _by_rows(fn: Callable, x: torch.Tensor, g: torch.Tensor, *args) -> torch.Tensor:
     """``fn(x, g, *args)`` on [..., k] tensors, row block by row block on the CPU (one call elsewhere)."""
     k = x.shape[-1]
-    cd = _compute_dtype(x.dtype)
+    cd = _out_dtype(x.dtype)
     rows = max(1, _BLOCK_BYTES // (k * torch.finfo(cd).bits // 8))
     X, G = x.reshape(-1, k), g.reshape(-1, k)
     if x.device.type != "cpu" or X.shape[0] <= rows:
@@ -156,7 +136,7 @@ def _by_rows(fn: Callable, x: torch.Tensor, g: torch.Tensor, *args) -> torch.Ten
 
 
 def _tsg_from_scores_rows(a: torch.Tensor, g: torch.Tensor, temperature: float, nan_rows: bool) -> torch.Tensor:
-    cd = _compute_dtype(a.dtype)
+    cd = _out_dtype(a.dtype)
     s = torch.softmax(a.to(cd) * (1.0 / temperature), dim=-1)
     if nan_rows:
         s.nan_to_num_(0.0)
@@ -164,14 +144,14 @@ def _tsg_from_scores_rows(a: torch.Tensor, g: torch.Tensor, temperature: float, 
 
 
 def _tsg_from_scores(a: torch.Tensor, g: torch.Tensor, temperature: float, nan_rows: bool) -> torch.Tensor:
-    """``s * (g - <s, g>)``, ``s = softmax(a / T)``: :func:`tsg_scores_grad` for scores whose masked
-    keys the backend already filled (no explicit mask), in float32 or better. ``nan_rows``: the fill
-    is -inf, so a row may have no key at all (TL 3 left padding) and gets 0."""
+    """``s * (g - <s, g>)``, ``s = softmax(a / T)`` for scores whose masked keys the backend already
+    filled (no explicit mask), in float32 or better. ``nan_rows``: the fill is -inf, so a row may
+    have no key at all (TL 3 left padding) and gets 0."""
     return _by_rows(_tsg_from_scores_rows, a, g, temperature, nan_rows)
 
 
 def _tsg_from_pattern_rows(p: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
-    cd = _compute_dtype(p.dtype)
+    cd = _out_dtype(p.dtype)
     p, g = p.to(cd), g.to(cd)
     w = p.rsqrt() if temperature == 2.0 else p.pow(1.0 / temperature - 1.0)   # w = p^(1/T - 1)
     w.masked_fill_(p == 0, 0.0)                                  # g' = 0 where p = 0 (a cast may follow)
@@ -184,9 +164,9 @@ def _tsg_from_pattern_rows(p: torch.Tensor, g: torch.Tensor, temperature: float)
 
 def _tsg_from_pattern(p: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
     """A pattern gradient ``g'`` that the true softmax backward ``p * (g' - <p, g'>)`` maps to the
-    TSG gradient ``s * (g - <s, g>)``, ``s = p^(1/T) / sum p^(1/T)``: ``g' = (s / p) (g - <s, g>)``
-    (:func:`tsg_pattern_grad` in fewer passes), ``g' = 0`` where ``p = 0`` (a large value there
-    would overflow where the backend casts the gradient down before its softmax, as HF Llama does)."""
+    TSG gradient ``s * (g - <s, g>)``, ``s = p^(1/T) / sum p^(1/T)``: ``g' = (s / p) (g - <s, g>)``,
+    and ``g' = 0`` where ``p = 0`` (a large value there would overflow where the backend casts the
+    gradient down before its softmax, as HF Llama does)."""
     return _by_rows(_tsg_from_pattern_rows, p, g, temperature)
 
 
@@ -259,9 +239,9 @@ class _HookSet:
     def __init__(self, model):
         self.model = model
         self.hook_dict = model.hook_dict
-        self.added: List[Tuple[object, object]] = []
         self.fired: Dict[Tuple[str, str], int] = {}
         self.layer_of: Dict[Tuple[str, str], Optional[int]] = {}
+        self.handle_of: Dict[Tuple[str, str], Tuple[object, object]] = {}   # in the order added
 
     def point(self, name: str):
         hp = self.hook_dict.get(name)
@@ -274,6 +254,8 @@ class _HookSet:
     def add(self, component: str, name: str, layer: Optional[int], fn: Callable, *, prepend: bool = False):
         hp = self.point(name)
         key = (component, name)
+        if key in self.handle_of:
+            raise GIMHookError(f"gim: {component} added twice at {name!r} (the backend lists that hook twice).")
         self.fired[key] = 0
         self.layer_of[key] = layer
 
@@ -289,12 +271,16 @@ class _HookSet:
             if len(new) != 1:
                 raise GIMHookError(f"could not identify the hook gim added at {name!r}.")
             handle = new[0]
-        self.added.append((hp, handle))
-        return hp, handle
+        self.handle_of[key] = (hp, handle)
+
+    def runs_last(self, component: str, name: str) -> bool:
+        """Whether gim's hook ``component`` is the last forward hook its hook point runs now."""
+        hp, handle = self.handle_of[(component, name)]
+        return next(reversed(hp._forward_hooks), None) == getattr(handle.hook, "id", None)
 
     def remove(self):
-        while self.added:
-            hp, handle = self.added.pop()
+        while self.handle_of:
+            _, (hp, handle) = self.handle_of.popitem()
             handle.hook.remove()
             hp.fwd_hooks[:] = [h for h in hp.fwd_hooks if h is not handle]
 
@@ -340,17 +326,13 @@ def _tsg(hooks: _HookSet, backend, temperature: float) -> Iterator[None]:
         fill = getattr(backend, "masked_score_value", None)
         nan_rows = fill is None or not math.isfinite(fill)   # finite fills never leave a row without keys
 
-        def at_scores(layer):
-            mine = {}
-
+        def at_scores(layer, name):
             def fn(a, hook):
-                hp, handle = mine["hp"], mine["handle"]
                 # ours must be the last hook to touch the scores: if a hook added later (a user's
                 # run_with_hooks inside the block) runs after it, the softmax's input is not ``a``
-                last = next(reversed(hp._forward_hooks), None) == getattr(handle.hook, "id", None)
+                last = hooks.runs_last("tsg_scores", name)
                 pending[layer] = (a, a._version, last)  # a reference, no copy: the backward recomputes s
                 return a
-            fn.mine = mine
             return fn
 
         def at_pattern(layer):
@@ -376,8 +358,8 @@ def _tsg(hooks: _HookSet, backend, temperature: float) -> Iterator[None]:
 
         for l in range(backend.n_layers):
             # scores: after the user's hooks (closest to the softmax); pattern: before them
-            f = at_scores(l)
-            f.mine["hp"], f.mine["handle"] = hooks.add("tsg_scores", backend.hook(backend.scores_hook, l), l, f)
+            name = backend.hook(backend.scores_hook, l)
+            hooks.add("tsg_scores", name, l, at_scores(l, name))
             hooks.add("tsg_pattern", backend.hook(backend.pattern_hook, l), l, at_pattern(l), prepend=True)
         try:
             yield

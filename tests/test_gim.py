@@ -150,9 +150,10 @@ def test_tsg_formulas_against_explicit_jacobian():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_internal_tsg_kernels_equal_the_reference_formulas(dtype):
-    """gim's fast kernels (processed in row blocks on the CPU) against the public reference formulas:
-    the scores form on backend-masked scores (dtype-minimum fill, and -inf with rows that have no
-    key at all), the pattern form on softmax outputs with exact zeros; many blocks (3 x 4 x 300 rows)."""
+    """gim's fast kernels (processed in row blocks on the CPU), which the public formulas also use,
+    against the formula written out here in float64: the scores form on backend-masked scores
+    (dtype-minimum fill, and -inf with rows that have no key at all), the pattern form on softmax
+    outputs with exact zeros; many blocks (3 x 4 x 300 rows)."""
     from selfrepair.gim import _BLOCK_BYTES, _tsg_from_pattern, _tsg_from_scores
 
     g = torch.Generator().manual_seed(3)
@@ -162,19 +163,27 @@ def test_internal_tsg_kernels_equal_the_reference_formulas(dtype):
     gp = torch.randn(b, h, n, n, generator=g, dtype=torch.float64).to(dtype)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+
+    def reference(scores, temperature):
+        """s * (g - <s, g>), s = softmax(a / T), float64; rows without keys give 0."""
+        s = torch.softmax(scores.double() / temperature, -1).nan_to_num(0.0)
+        gd = gp.double()
+        return s * (gd - (s * gd).sum(-1, keepdim=True))
+
     for temperature in (2.0, 1.5, 0.5):
         finite = a.masked_fill(~causal, torch.finfo(dtype).min)
-        torch.testing.assert_close(_tsg_from_scores(finite, gp, temperature, False),
-                                   tsg_scores_grad(finite, gp, temperature), **tol)
+        got = _tsg_from_scores(finite, gp, temperature, False)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), reference(finite, temperature), **tol)
         inf = a.masked_fill(~causal, float("-inf")).clone()
         inf[1, :, :5] = float("-inf")                                           # rows without any key
-        got = _tsg_from_scores(inf, gp, temperature, True)
-        assert torch.isfinite(got).all() and float(got[1, :, :5].abs().max()) == 0.0
-        torch.testing.assert_close(got, tsg_scores_grad(inf, gp, temperature), **tol)
+        want = reference(inf, temperature)
+        for got in (_tsg_from_scores(inf, gp, temperature, True), tsg_scores_grad(inf, gp, temperature)):
+            assert torch.isfinite(got).all() and float(got[1, :, :5].abs().max()) == 0.0
+            torch.testing.assert_close(got.double(), want, **tol)
         # pattern form: what matters is the true softmax backward of g', p (g' - <p, g'>), which must
         # be the TSG gradient (float64 reference from the scores); g' itself is ill-conditioned where p is tiny
         p = torch.softmax(inf, -1).nan_to_num(0.0)
-        want = tsg_scores_grad(inf.double(), gp.double(), temperature)
         for gq in (_tsg_from_pattern(p, gp, temperature), tsg_pattern_grad(p, gp, temperature)):
             assert gq.dtype == dtype and float(gq[p == 0].abs().max()) == 0.0
             pd, gd = p.double(), gq.double()
