@@ -206,6 +206,22 @@ def _seq_sum(col: pd.Series) -> np.ndarray:
     return np.array([float(np.sum(np.asarray(v, dtype=float))) for v in col], dtype=float)
 
 
+def _repairs(r: np.ndarray, t: float) -> np.ndarray:
+    """``self_repair`` at the plotted threshold: ``r > t`` where r is defined (SPEC)."""
+    return np.isfinite(r) & (r > t)
+
+
+def _add_classes(fig: go.Figure, x, y, hover, classes, *, opacity: float = 0.6, row=None, col=None,
+                 showlegend: bool = True, counts: bool = False) -> None:
+    """One marker trace per (mask, name, colour) class that has any point."""
+    for mask, name, color in classes:
+        if mask.any():
+            fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers",
+                                     name=f"{name}: {int(mask.sum())}" if counts else name, legendgroup=name,
+                                     showlegend=showlegend, marker=dict(color=color, size=5, opacity=opacity),
+                                     text=hover[mask], hovertemplate="%{text}<extra></extra>"), row=row, col=col)
+
+
 # ----------------------------------------------------------------------------- 1. joint vs sum
 
 
@@ -234,7 +250,7 @@ def plot_joint_vs_sum(result, *, effects: str = "local", threshold: Optional[flo
         raise ValueError(f"effects must be 'local' or 'global', got {effects!r}")
     u = _units(result, units)
     defined = np.isfinite(r)
-    sr = defined & (r > t)
+    sr = _repairs(r, t)
     hover = _hover(df.assign(_x=x, _y=y, _r=r), [(f"sum {sym}_n", "_x", ".4g"), (f"{sym}_S", "_y", ".4g"), ("r", "_r", ".3g")])
     hover = np.array(hover, dtype=object)
     lo, hi = _range(x, y)
@@ -250,13 +266,9 @@ def plot_joint_vs_sum(result, *, effects: str = "local", threshold: Optional[flo
         fig.add_trace(go.Scatter(x=xs, y=s * xs, mode="lines", line=dict(color="#E69F00", width=1.5),
                                  name=f"threshold r = {t:g}: y = x / (1 - {t:g})", hoverinfo="skip"))
     fig.add_trace(_diag(lo, hi, name="y = x (additive, r = 0)"))
-    for mask, name, color in [(~defined, "ratio undefined (|joint| below floor)", NAN_COLOR),
-                              (defined & ~sr, f"not self-repairing (r <= {t:g})", NOT_COLOR),
-                              (sr, f"self-repairing (r > {t:g})", SR_COLOR)]:
-        if mask.any():
-            fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=f"{name}: {int(mask.sum())}",
-                                     marker=dict(color=color, size=5, opacity=0.65),
-                                     text=hover[mask], hovertemplate="%{text}<extra></extra>"))
+    _add_classes(fig, x, y, hover, [(~defined, "ratio undefined (|joint| below floor)", NAN_COLOR),
+                                     (defined & ~sr, f"not self-repairing (r <= {t:g})", NOT_COLOR),
+                                     (sr, f"self-repairing (r > {t:g})", SR_COLOR)], opacity=0.65, counts=True)
     if defined.sum() >= 1:
         p = float(np.nanpercentile(r[defined], percentile))
         top = defined & (r >= p)
@@ -296,13 +308,13 @@ def plot_estimates(result, *, truth: str = "local", estimates: Optional[Sequence
     if estimates is None:
         estimates = [c for c in ("grad_estimate", "tsg_estimate", "gim_estimate") if c in df.columns]
     estimates = list(estimates)
-    _require(df, [tcol, "self_repair", *estimates], "plot_estimates")
+    _require(df, [tcol, "interaction", *estimates], "plot_estimates")
     if not estimates:
         raise ValueError("plot_estimates: the table has none of grad_estimate, tsg_estimate, gim_estimate")
     t = _threshold(result, threshold)
     u = _units(result, units)
     x = df[tcol].to_numpy(float)
-    sr = df["self_repair"].fillna(False).to_numpy(bool)
+    sr = _repairs(df["interaction"].to_numpy(float), t)
     label = {"grad_estimate": "plain gradient", "tsg_estimate": "TSG (T = {T})", "gim_estimate": "GIM"}
     T = _settings(result).get("temperature", 2.0)
     titles = []
@@ -317,12 +329,9 @@ def plot_estimates(result, *, truth: str = "local", estimates: Optional[Sequence
         y = df[c].to_numpy(float)
         lo, hi = _range(x, y)
         fig.add_trace(_diag(lo, hi, showlegend=(j == 1), legendgroup="diag"), row=1, col=j)
-        for mask, name, color in [(~sr, f"not self-repairing (r <= {t:g})", NOT_COLOR),
-                                  (sr, f"self-repairing (r > {t:g})", SR_COLOR)]:
-            if mask.any():
-                fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=name, legendgroup=name,
-                                         showlegend=(j == 1), marker=dict(color=color, size=5, opacity=0.6),
-                                         text=hover[mask], hovertemplate="%{text}<extra></extra>"), row=1, col=j)
+        _add_classes(fig, x, y, hover, [(~sr, f"not self-repairing (r <= {t:g})", NOT_COLOR),
+                                         (sr, f"self-repairing (r > {t:g})", SR_COLOR)],
+                     row=1, col=j, showlegend=(j == 1))
         fig.update_xaxes(title=f"measured joint effect, {truth} ({u})", row=1, col=j)
         fig.update_yaxes(title=f"estimated joint effect ({u})" if j == 1 else None, row=1, col=j)
     _base_layout(fig, f"Gradient estimates of the joint score ablation vs the measured {truth} effect "
@@ -334,14 +343,14 @@ def plot_estimates(result, *, truth: str = "local", estimates: Optional[Sequence
 # ----------------------------------------------------------------------------- 3. heatmaps
 
 
-def _head_table(df: pd.DataFrame, n_layers: int, n_heads: int, col: str = "interaction"):
+def _head_table(df: pd.DataFrame, n_layers: int, n_heads: int, t: float, col: str = "interaction"):
     frac = np.full((n_layers, n_heads), np.nan)
     med = np.full((n_layers, n_heads), np.nan)
     cnt = np.zeros((n_layers, n_heads), dtype=int)
     ok = np.isfinite(df[col].to_numpy(float))
     d = df.loc[ok]
     for (l, h), g in d.groupby(["layer", "head"]):
-        frac[l, h] = g["self_repair"].astype(bool).mean()
+        frac[l, h] = _repairs(g[col].to_numpy(float), t).mean()
         med[l, h] = g[col].median()
         cnt[l, h] = len(g)
     return frac, med, cnt
@@ -356,12 +365,12 @@ def plot_head_heatmaps(result, *, n_layers: Optional[int] = None, n_heads: Optio
     group with a defined ratio at that head.
     """
     df = _groups(result)
-    _require(df, ["layer", "head", "interaction", "self_repair"], "plot_head_heatmaps")
+    _require(df, ["layer", "head", "interaction"], "plot_head_heatmaps")
     s = _settings(result)
     n_layers = int(n_layers or s.get("n_layers") or (df["layer"].max() + 1 if len(df) else 1))
     n_heads = int(n_heads or s.get("n_heads") or (df["head"].max() + 1 if len(df) else 1))
     t = _threshold(result, threshold)
-    frac, med, cnt = _head_table(df, n_layers, n_heads)
+    frac, med, cnt = _head_table(df, n_layers, n_heads, t)
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
                         subplot_titles=(f"fraction self-repairing (r > {t:g}), n groups in each cell",
                                         "median interaction ratio r (signed)"))
@@ -447,14 +456,14 @@ def plot_local_vs_global(result, *, threshold: Optional[float] = None, units: Op
     ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)`` per layer.
     """
     df = _groups(result)
-    _require(df, ["effect_joint", "effect_sum", "global_effects", "global_effect_joint", "downstream_gap", "self_repair"],
-             "plot_local_vs_global")
+    _require(df, ["effect_joint", "effect_sum", "interaction", "global_effects", "global_effect_joint",
+                  "downstream_gap"], "plot_local_vs_global")
     t = _threshold(result, threshold)
     u = _units(result, units)
     x = df["effect_joint"].to_numpy(float) - df["effect_sum"].to_numpy(float)
     gsum = df["global_effect_sum"].to_numpy(float) if "global_effect_sum" in df.columns else _seq_sum(df["global_effects"])
     y = df["global_effect_joint"].to_numpy(float) - gsum
-    sr = df["self_repair"].fillna(False).to_numpy(bool)
+    sr = _repairs(df["interaction"].to_numpy(float), t)
     hover = np.array(_hover(df.assign(_x=x, _y=y), [("local E_S - \u03a3E_n", "_x", ".4g"), ("global G_S - \u03a3G_n", "_y", ".4g"),
                                                      ("r local", "interaction", ".3g"), ("r global", "global_interaction", ".3g"),
                                                      ("downstream gap", "downstream_gap", ".4g")]), dtype=object)
@@ -464,12 +473,8 @@ def plot_local_vs_global(result, *, threshold: Optional[float] = None, units: Op
                                         "downstream gap per layer"))
     lo, hi = _range(x, y)
     fig.add_trace(_diag(lo, hi, name="y = x (no downstream change)"), row=1, col=1)
-    for mask, name, color in [(~sr, f"not self-repairing locally (r <= {t:g})", NOT_COLOR),
-                              (sr, f"self-repairing locally (r > {t:g})", SR_COLOR)]:
-        if mask.any():
-            fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=name, legendgroup=name,
-                                     marker=dict(color=color, size=5, opacity=0.6), text=hover[mask],
-                                     hovertemplate="%{text}<extra></extra>"), row=1, col=1)
+    _add_classes(fig, x, y, hover, [(~sr, f"not self-repairing locally (r <= {t:g})", NOT_COLOR),
+                                     (sr, f"self-repairing locally (r > {t:g})", SR_COLOR)], row=1, col=1)
     gap = df["downstream_gap"].to_numpy(float)
     fig.add_trace(go.Box(x=[f"L{l}" for l in df["layer"]], y=gap, name="downstream gap", marker_color=MEASURED_COLOR,
                          boxpoints="outliers", showlegend=False, text=hover, hovertemplate="%{text}<extra></extra>"),

@@ -107,6 +107,29 @@ def test_joint_vs_sum_custom_threshold(study):
     assert np.allclose(np.asarray(th.y, float), np.asarray(th.x, float) / 0.7)
 
 
+def test_every_figure_colours_by_the_threshold_it_labels(study):
+    """With a threshold other than the analysis one (0.1), the points each figure calls self-repairing
+    are exactly the groups with r > that threshold (not the stored ``self_repair`` flag at 0.1), and the
+    heatmap fractions use it too."""
+    res, t = study["result"], 0.3
+    g = res.groups
+    r = g["interaction"].to_numpy(float)
+    want = int((np.isfinite(r) & (r > t)).sum())
+    assert want != int(g["self_repair"].sum())          # the two thresholds disagree on this result
+
+    def n_marked(fig, prefix):
+        return sum(len(tr.x) for tr in fig.data if tr.type == "scatter" and (tr.name or "").startswith(prefix))
+
+    assert n_marked(plots.plot_joint_vs_sum(res, threshold=t), f"self-repairing (r > {t:g})") == want
+    panels = sum(c in g.columns for c in ("grad_estimate", "tsg_estimate", "gim_estimate"))
+    assert n_marked(plots.plot_estimates(res, threshold=t), f"self-repairing (r > {t:g})") == panels * want
+    assert n_marked(plots.plot_local_vs_global(res, threshold=t), f"self-repairing locally (r > {t:g})") == want
+    frac = plots.plot_head_heatmaps(res, threshold=t).data[0]
+    d = g[g["interaction"].notna()]
+    for (l, h), s in d.groupby(["layer", "head"]):
+        assert frac.z[l][h] == pytest.approx((s["interaction"] > t).mean())
+
+
 # ----------------------------------------------------------------------------- 2
 
 
