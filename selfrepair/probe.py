@@ -590,16 +590,12 @@ class _Prober:
             raise ProbeError("could not measure the norm type")
         if len(set(types)) > 1:
             self.notes.append(f"mixed norm types {types}; reporting the first")
-        self.norm_kind = types[0]
-        # forward with every scale detached, all layers
-        cut = _all_layers(verified, self.n_layers)
-        logits = self.forward([(n, lambda t_, hook: t_.detach()) for n in cut])
+        # forward with every scale frozen, all layers: exactly the hooks norm_freeze_hooks will install
+        logits = self.forward(_freeze_hooks(verified, self.n_layers, types[0], "detach_scale"))
         detach_err = self.rel(logits.detach(), self.clean)
         method = "detach_scale"
         if detach_err > 0 and st_ok and len(st_ok) == len(templates):
-            bases = tuple(t_[: -len(".hook_scale")] for t_ in st_ok)
-            hooks = [h for b in _all_layers(bases, self.n_layers) for h in _st_hooks(b, types[0])]
-            logits = self.forward(hooks)
+            logits = self.forward(_freeze_hooks(verified, self.n_layers, types[0], "straight_through"))
             if torch.equal(logits.detach(), self.clean):
                 method = "straight_through"
         if method == "detach_scale" and detach_err > 1e-6:
@@ -741,7 +737,13 @@ def norm_freeze_hooks(model, backend: Optional[Backend] = None) -> list:
     Use as ``with model.hooks(fwd_hooks=norm_freeze_hooks(model)): ...``.
     """
     b = backend or probe(model)
-    if b.norm_freeze_method == "straight_through":
-        bases = [t[: -len(".hook_scale")] for t in b.norm_scale_hooks]
-        return [h for base in _all_layers(bases, b.n_layers) for h in _st_hooks(base, b.norm_type)]
-    return [(n, lambda t, hook: t.detach()) for n in _all_layers(b.norm_scale_hooks, b.n_layers)]
+    return _freeze_hooks(b.norm_scale_hooks, b.n_layers, b.norm_type, b.norm_freeze_method)
+
+
+def _freeze_hooks(scale_templates, n_layers: int, norm_type: str, method: str) -> list:
+    """The norm-freeze hooks for ``method`` on every layer of the given ``hook_scale`` templates
+    (the probe checks exactly these before choosing a method)."""
+    if method == "straight_through":
+        bases = [t[: -len(".hook_scale")] for t in scale_templates]
+        return [h for base in _all_layers(bases, n_layers) for h in _st_hooks(base, norm_type)]
+    return [(n, lambda t, hook: t.detach()) for n in _all_layers(scale_templates, n_layers)]
