@@ -194,11 +194,13 @@ def cached_run(
             return y
         return fn
 
+    # the pattern is needed when kept, or to derive the scores on pattern-site backends
+    need_pattern = "pattern" in keep or (site == "pattern" and "scores" in keep)
     fwd = []
     for l in layers:
         if site == "scores" and "scores" in keep:
             fwd.append((backend.hook(backend.scores_hook, l), save("scores", l)))
-        if site == "pattern" or "pattern" in keep:
+        if need_pattern:
             fwd.append((backend.hook(backend.pattern_hook, l), save("pattern", l)))
         if "values" in keep:
             fwd.append((backend.hook(backend.v_hook, l), save("values", l)))
@@ -211,6 +213,9 @@ def cached_run(
         stack.enter_context(ctx)
         stack.enter_context(model.hooks(fwd_hooks=fwd))
         logits = model(tokens)
+        missing = [l for l in layers if l not in z_live]
+        if missing:
+            raise RuntimeError(f"hook_z did not fire at layers {missing}; the backend's z site is not live.")
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         m = task.metric_from_full_logits(logits)
@@ -218,16 +223,8 @@ def cached_run(
         if backward:
             if not m.requires_grad:
                 raise RuntimeError("the metric does not depend on hook_z through autograd; cannot take dm/dz.")
-            missing = [l for l in layers if l not in z_live]
-            if missing:
-                raise RuntimeError(f"hook_z did not fire at layers {missing}; the backend's z site is not live.")
-            zs = [z_live[l] for l in layers]
-            grads = torch.autograd.grad(m.sum(), zs, allow_unused=True)
+            grads = torch.autograd.grad(m.sum(), [z_live[l] for l in layers], allow_unused=True)
         del logits, m
-
-    missing = [l for l in layers if (l not in z_live)]
-    if missing:
-        raise RuntimeError(f"hook_z did not fire at layers {missing}; the backend's z site is not live.")
 
     scores, pattern, values, zd, gz = {}, {}, {}, {}, ({} if backward else None)
     for idx, l in enumerate(layers):
@@ -237,7 +234,7 @@ def cached_run(
             a = raw["scores"][l]
             a = a.masked_fill(~mask_dev[:, None], float("-inf"))
             scores[l] = a
-        if site == "pattern" or "pattern" in keep:
+        if need_pattern:
             if l not in raw["pattern"]:
                 raise RuntimeError(f"hook_pattern did not fire at layer {l}.")
             p = raw["pattern"][l]

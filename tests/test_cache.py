@@ -137,6 +137,32 @@ def test_native_log_p_scores_equal_qk_up_to_row_constant(native_bridge):
                 assert (d - d[:, :1]).abs().max() < 1e-5                       # a per-row constant
 
 
+def test_native_keep_nothing_hooks_no_pattern(native_bridge):
+    """On a pattern-site backend the pattern is hooked only when kept or needed for the scores:
+    keep=() adds no hook_pattern hook and gives the same dm/dz as a run that keeps everything."""
+    task = _task()
+    from selfrepair.probe import probe
+
+    probe(native_bridge)                       # cached: its own hooks are not the ones counted here
+    added = []
+    real = native_bridge.hooks
+
+    def spy(fwd_hooks=(), **kw):
+        added.extend(n for n, _ in fwd_hooks)
+        return real(fwd_hooks=fwd_hooks, **kw)
+
+    native_bridge.hooks = spy
+    try:
+        bare = cached_run(native_bridge, task, dtype=torch.float64, keep=())
+    finally:
+        del native_bridge.hooks
+    assert added and not [n for n in added if n.endswith("hook_pattern")]
+    assert not bare.pattern and not bare.scores
+    full = cached_run(native_bridge, task, dtype=torch.float64)
+    for l in full.layers:
+        assert torch.equal(bare.grad_z[l], full.grad_z[l])
+
+
 def test_dtype_cast_layers_and_no_backward(gpt2_bridge):
     task = _task()
     run = cached_run(gpt2_bridge, task, layers=[2, 0], dtype=torch.float64)
