@@ -111,6 +111,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._typing import Float, Int, Tensor
+from .probe import _CACHE as _PROBED, _kind
 from .tasks import Task
 
 __all__ = ["ZEdits", "CleanRun", "prepare_clean", "measure_z_edits", "replace_z", "flops", "last_run",
@@ -207,31 +208,12 @@ class _Dims:
     kind: str            # backend kind: "bridge-hf", "bridge-native", "tl3"
     architecture: str
     z_hook: str
-    supports_start_at_layer: bool
 
 
 def _cached_backend(model):
     """The probe's Backend if ``selfrepair.probe`` has already measured this model (no new probe run:
     probing costs forward/backward passes, and the engine needs only names it can read off the model)."""
-    try:
-        from . import probe as _probe
-
-        return _probe._CACHE.get(model)
-    except Exception:
-        return None
-
-
-def _backend_kind(model) -> str:
-    try:
-        from .probe import _kind
-
-        return _kind(model)
-    except Exception:
-        pass
-    if type(model).__name__ == "TransformerBridge" or hasattr(model, "adapter"):
-        hf = model.__dict__.get("original_model")
-        return "bridge-native" if type(hf).__name__ == "NativeModel" else "bridge-hf"
-    return "tl3"
+    return _PROBED.get(model)
 
 
 def _dims(model) -> _Dims:
@@ -247,13 +229,13 @@ def _dims(model) -> _Dims:
     if be is not None:
         kind, z_hook = be.kind, be.z_hook
     else:
-        kind, z_hook = _backend_kind(model), "blocks.{layer}.attn.hook_z"
+        kind, z_hook = _kind(model), "blocks.{layer}.attn.hook_z"
         if z_hook.format(layer=0) not in model.hook_dict:
             raise ValueError(f"{type(model).__name__} has no hook {z_hook.format(layer=0)!r}; the global-effects "
                              "engine edits head outputs there.")
     d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * int(cfg.d_model))
     return _Dims(int(cfg.n_layers), n_heads, int(n_kv), int(cfg.d_head), int(cfg.d_model), int(cfg.d_vocab), d_mlp,
-                 bool(getattr(cfg, "gated_mlp", False)), kind, arch, z_hook, kind == "tl3")
+                 bool(getattr(cfg, "gated_mlp", False)), kind, arch, z_hook)
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -702,7 +684,7 @@ def _prepare_hooks(model, task: Task, dims: _Dims, reason: str, *, batch_size) -
     od = _out_dtype(mdt)
     B, T = task.tokens.shape
     names = [dims.z_hook.format(layer=l) for l in range(dims.n_layers)]
-    use_sal = dims.kind == "tl3" and dims.supports_start_at_layer
+    use_sal = dims.kind == "tl3"   # TL 4's start_at_layer still runs the blocks below it
     if use_sal:
         names += [f"blocks.{l}.hook_resid_pre" for l in range(dims.n_layers)]
     per_prompt = _bytes_per_token(dims, T, mdt, vocab=True) * T * 2

@@ -285,7 +285,7 @@ def test_hooks_removed_after_error(native64):
 def test_start_at_layer_hook_variant(native64, monkeypatch):
     """The TL3 variant (hook path resuming at the edited layer) equals the reference loop."""
     real = A._dims(native64)
-    fake = dataclasses.replace(real, kind="tl3", supports_start_at_layer=True)
+    fake = dataclasses.replace(real, kind="tl3")
     monkeypatch.setattr(A, "_dims", lambda model: fake)
     task = _task(native64, seed=12)
     edits = _edits(native64, task, n=12, seed=13)
