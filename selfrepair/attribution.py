@@ -568,16 +568,13 @@ def _gim_estimates(model, task: Task, groups: pd.DataFrame, settings: dict, gim_
         for l in sorted(set(g_rows["layer"].tolist())):
             sel = rows[(g_rows["layer"] == l).to_numpy()]
             gr = groups.iloc[sel]
-            dev = run.metric.device
-            bi = torch.tensor(gr["prompt"].to_numpy(dtype=np.int64) - start, device=dev)
-            hi = torch.tensor(gr["head"].to_numpy(dtype=np.int64), device=dev)
-            qi = torch.tensor(gr["query"].to_numpy(dtype=np.int64), device=dev)
-            keys = torch.as_tensor(np.array([list(k) for k in gr["keys"]], dtype=np.int64), device=dev)
-            a = run.scores[l][bi, hi, qi].to(f64)                                   # [R, n]
-            v = run.values[l][bi, :, hi].to(f64)                                    # [R, n, d]
-            c = torch.einsum("rnd,rd->rn", v, run.grad_z[l][bi, qi, hi].to(f64))
-            o = _row_effects(a, run.mask[bi, qi], c, keys, mean_mask[bi, qi], ablation="mean",
-                             value_ablation="zero", temperature=T)
+            bi = gr["prompt"].to_numpy(dtype=np.int64) - start
+            qi = gr["query"].to_numpy(dtype=np.int64)
+            a, v, g, mask = run.rows(bi, l, gr["head"].to_numpy(dtype=np.int64), qi)   # [R, n], [R, n, d], [R, d]
+            keys = torch.as_tensor(np.array([list(k) for k in gr["keys"]], dtype=np.int64), device=a.device)
+            c = torch.einsum("rnd,rd->rn", v.to(f64), g.to(f64))
+            mm = mean_mask[torch.tensor(bi, device=a.device), torch.tensor(qi, device=a.device)]
+            o = _row_effects(a.to(f64), mask, c, keys, mm, ablation="mean", value_ablation="zero", temperature=T)
             out[sel] = o["tsg_estimate"].cpu().numpy()
     return out
 
