@@ -436,19 +436,11 @@ def read_table(tables_dir: Path, name: str):
 def versions() -> dict:
     import platform
 
-    import torch
+    from .self_repair import _versions
 
-    from . import __version__
-
-    out = {"selfrepair": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformer_lens", "transformers", "plotly", "kaleido", "pandas", "numpy"):
-        try:
-            from importlib.metadata import version as _v
-
-            out[mod] = _v(mod.replace("_", "-"))
-        except Exception:
-            out[mod] = None
-    return out
+    return {"python": platform.python_version(),
+            **_versions(("selfrepair", "torch", "transformer_lens", "transformers", "plotly", "kaleido", "pandas",
+                         "numpy", "pyarrow"))}
 
 
 def _debug() -> bool:
@@ -723,7 +715,7 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
         g.attrs["settings"] = settings
         tabs.update(study.stage("attention row", ["attention_row"],
                                 lambda: {"attention_row": plots.attention_row_data(model, task, g)}))
-    meta = self_repair.SelfRepairResult.read_parquet(res_path).meta if res_path.is_file() else {}
+    meta = self_repair.read_result_info(res_path).get("meta", {}) if res_path.is_file() else {}
     return {"tables": tabs, "resumed": study.resumed, "analysis_meta": meta}
 
 

@@ -471,14 +471,26 @@ def _write_parquet(df: pd.DataFrame, info: dict, path: Path) -> None:
         raise
 
 
+def _parquet_info(schema, path: Path) -> dict:
+    raw = (schema.metadata or {}).get(b"selfrepair")
+    if raw is None:
+        raise ValueError(f"{path} is not a selfrepair result (no 'selfrepair' key in its Parquet metadata).")
+    return json.loads(raw)
+
+
+def read_result_info(path: Union[str, os.PathLike]) -> dict:
+    """``{"settings", "meta", ...}`` of a file written by ``SelfRepairResult.to_parquet``, from its
+    Parquet footer only (the groups are not read)."""
+    import pyarrow.parquet as pq
+
+    return _parquet_info(pq.read_schema(path), Path(path))
+
+
 def _read_parquet(path: Path):
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(b"selfrepair")
-    if raw is None:
-        raise ValueError(f"{path} is not a selfrepair result (no 'selfrepair' key in its Parquet metadata).")
-    info = json.loads(raw)
+    info = _parquet_info(table.schema, path)
     cols = info.get("columns", table.column_names)
     data = {}
     for c in cols:
@@ -516,11 +528,12 @@ def _check_mode(name: str, value, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(v) for v in valid)}.")
 
 
-def _versions() -> dict:
+def _versions(packages=("selfrepair", "transformer_lens", "torch", "transformers", "pandas", "pyarrow")) -> dict:
+    """Installed version of each package ("unknown" where it cannot be told)."""
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("selfrepair", "transformer_lens", "torch", "transformers", "pandas", "pyarrow"):
+    for pkg in packages:
         try:
             out[pkg] = md.version(pkg.replace("_", "-")) if pkg != "selfrepair" else md.version(pkg)
         except Exception:

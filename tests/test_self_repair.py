@@ -676,6 +676,11 @@ def test_parquet_round_trip(planted, tmp_path):
     assert back.meta["task_name"] == "planted" and back.meta["task_size"] == 4 and back.meta["model_hash"]
     assert back.settings["ablation"] == "mean" and back.settings["layers"] == [0]
     assert not list(tmp_path.glob("*.tmp"))                    # atomic write leaves no temp file
+    info = SR.read_result_info(path)                           # the footer alone
+    assert info["settings"] == res.settings and info["meta"] == res.meta
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="not a selfrepair result"):
+        SR.read_result_info(tmp_path / "other.parquet")
 
 
 def test_resume_after_interruption(planted, tmp_path, monkeypatch):
