@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .plots import atomic_write
+from ._io import atomic_write
 
 EXIT_ERROR = 2
 

@@ -37,7 +37,6 @@ The figures:
 from __future__ import annotations
 
 import os
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -46,6 +45,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from ._io import atomic_write
 
 __all__ = [
     "plot_joint_vs_sum",
@@ -808,28 +809,6 @@ def plot_token_attributions(table: pd.DataFrame, prompt: Optional[int] = None, *
 
 
 # ----------------------------------------------------------------------------- saving
-
-
-def atomic_write(path: Union[str, Path], write) -> Path:
-    """``write(tmp_path)`` to a temporary name beside ``path``, then rename it onto ``path`` (mode as umask says).
-
-    A reader never sees a half-written file; the CLI writes every table, JSON and figure this way.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _atomic_write_text(path: Path, text: str):

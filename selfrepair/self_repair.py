@@ -53,12 +53,10 @@ Decisions where SPEC is silent (documented, tested):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +66,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._io import atomic_write
 from ._typing import Bool, Float, Int, Tensor
 from .cache import cached_run, check_backend
 from .tasks import Task
@@ -459,16 +458,7 @@ def _write_parquet(df: pd.DataFrame, info: dict, path: Path) -> None:
     meta = {"selfrepair": json.dumps({"format": RESULT_FORMAT, "columns": list(df.columns), **info},
                                      default=_json_default, allow_nan=True)}
     table = pa.Table.from_arrays(arrays, schema=schema.with_metadata(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _parquet_info(schema, path: Path) -> dict:
@@ -754,10 +744,7 @@ class _Checkpoint:
                     f"checkpoint_dir {d} holds a run with different {', '.join(what) or 'identity'}; "
                     "resume with the same settings, model and task, or use a new (or emptied) directory.")
         else:
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".run.json.", suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(ident, indent=1, default=_json_default))
-            os.replace(tmp, f)
+            atomic_write(f, lambda tmp: tmp.write_text(json.dumps(ident, indent=1, default=_json_default)))
 
     def path(self, s: int, e: int) -> Path:
         return self.dir / f"batch_{s:08d}_{e:08d}.parquet"

@@ -1,0 +1,32 @@
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+__all__ = ["atomic_write"]
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[Path], object]) -> Path:
+    """``write(tmp_path)`` to a temporary name beside ``path``, then rename it onto ``path`` (mode as umask says).
+
+    A reader never sees a half-written file; results, checkpoints, tables, JSON and figures are written this way.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
