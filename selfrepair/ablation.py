@@ -671,11 +671,15 @@ def _hooks_forward(model, dims: _Dims, tokens: Tensor, positions: Tensor, fwd_ho
         with model.hooks(fwd_hooks=hooks):
             out = model(inp, **kw)
     except _StopForward as s:
-        h = s.value[rows, positions]
-        return model.unembed(model.ln_final(h[:, None, :]))[:, 0]
+        return _unembed_rows(model, s.value[rows, positions])
     if mode == "resid":
         raise RuntimeError("the forward finished without reaching the last block's hook_resid_post")
     return out[rows, positions]
+
+
+def _unembed_rows(model, h: Tensor) -> Tensor:
+    """Logits [n, vocab] of final-block residuals ``h`` [n, d_model]: ``ln_final`` + unembed only."""
+    return model.unembed(model.ln_final(h[:, None, :]))[:, 0]
 
 
 @torch.no_grad()
@@ -690,13 +694,20 @@ def _prepare_hooks(model, task: Task, dims: _Dims, reason: str, *, batch_size) -
     per_prompt = _bytes_per_token(dims, T, mdt, vocab=True) * T * 2
     bs = max(1, int(batch_size) if batch_size else int(MEMORY_BUDGET // max(per_prompt, 1)))
     store: Dict[str, List[Tensor]] = {n: [] for n in names}
+    last = f"blocks.{dims.n_layers - 1}.hook_resid_post"   # its rows at the metric positions: the "resid" check
+    if last not in model.hook_dict:
+        last = None
+    final: List[Tensor] = []
     logits_full = []
     for s in range(0, B, bs):
         toks = task.tokens[s:s + bs].to(dev)
+        rows, pos = torch.arange(toks.shape[0], device=dev), task.positions[s:s + bs].to(dev)
         hooks = [(n, _saver(store[n])) for n in names]
+        if last is not None:
+            hooks.append((last, lambda x, hook, rows=rows, pos=pos: final.append(x[rows, pos].detach().clone())))
         with model.hooks(fwd_hooks=hooks):
             out = model(toks)
-        logits_full.append(out[torch.arange(out.shape[0], device=dev), task.positions[s:s + bs].to(dev)])
+        logits_full.append(out[rows, pos])
     zs = [torch.cat(store[names[l]]) for l in range(dims.n_layers)]
     for l, z in enumerate(zs):
         if z.ndim != 4:
@@ -706,14 +717,11 @@ def _prepare_hooks(model, task: Task, dims: _Dims, reason: str, *, batch_size) -
         resid = [torch.cat(store[f"blocks.{l}.hook_resid_pre"]) for l in range(dims.n_layers)]
     logits_full = torch.cat(logits_full)
     metric_full = task.metric_fn(logits_full, torch.arange(B)).to(od).cpu()
-    # only the metric positions through ln_final + unembed: check once, else full logits
+    # only the metric positions through ln_final + unembed: check once (on the clean forward's own final
+    # residuals), else full logits
     mode = "full"
     try:
-        lg = []
-        for s in range(0, B, bs):
-            toks = task.tokens[s:s + bs].to(dev)
-            lg.append(_hooks_forward(model, dims, toks, task.positions[s:s + bs].to(dev), [], "resid"))
-        lg = torch.cat(lg)
+        lg = _unembed_rows(model, torch.cat(final))          # raises if that hook is absent or never fired
         tol = (1e-9 if mdt == torch.float64 else 1e-4) * (float(logits_full.abs().max()) + 1.0)
         if float((lg.to(od) - logits_full.to(od)).abs().max()) <= tol:
             mode = "resid"

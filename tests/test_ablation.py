@@ -128,6 +128,9 @@ def test_matches_one_forward_per_edit(name, request):
     hooks = A.measure_z_edits(model, task, edits, progress=False, path="hooks")
     torch.testing.assert_close(hooks, ref, rtol=RTOL, atol=ATOL)
     assert _no_hooks_left(model)
+    # the hook path unembeds only the metric rows, once checked against the clean forward's logits
+    clean = A.prepare_clean(model, task, path="hooks", batch_size=2)
+    assert clean.unembed_mode == "resid"
 
 
 def test_float32_model_returns_float32(gpt2_bridge):
