@@ -94,6 +94,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from selfrepair._devices import model_device, model_dtype  # noqa: E402  (after the path above)
+
 #: shapes of the models built from configs (random weights, seeded)
 SHAPES = {
     # the shipped default model's shape (GPT-2 arch, 4 layers, 4 heads, d_model 128, ctx 256, vocab 1024)
@@ -379,7 +381,7 @@ def engine_effects(model, task, abl: Ablations, *, progress: bool = False):
     from selfrepair.ablation import ZEdits, last_run, measure_z_edits, prepare_clean
     from selfrepair.cache import cached_run
 
-    device = str(next(model.parameters()).device.type)
+    device = str(model_device(model).type)
     parts: Dict[str, list] = {"cache": [], "deltas": [], "prepare_clean": [], "measure": []}
     layers = sorted(set(abl.layer.tolist()))
     with timer(device, parts["cache"]):
@@ -387,7 +389,7 @@ def engine_effects(model, task, abl: Ablations, *, progress: bool = False):
     with timer(device, parts["deltas"]):
         delta = score_ablation_deltas(run, abl)
         del run
-        dt = next(model.parameters()).dtype
+        dt = model_dtype(model)
         edits = ZEdits(abl.prompt, abl.layer, abl.head, abl.query, delta.to(dt)[:, None, :].cpu())
     with timer(device, parts["prepare_clean"]):
         clean = prepare_clean(model, task)
@@ -403,7 +405,7 @@ def baseline_effect(model, backend, task, row, m_clean: float) -> float:
     """What a notebook user writes: one run_with_hooks per ablation, full logits, hook_pattern edit."""
     b, l, h, i, keys = row
     T = int(task.lengths[b])
-    device = next(model.parameters()).device
+    device = model_device(model)
     toks = task.tokens[b:b + 1, :T].to(device)
     keep = torch.arange(T, device=device) <= i                    # causal mask of row i (prompts are unpadded)
     ks = torch.tensor(keys, device=device)
@@ -431,7 +433,7 @@ def baseline_effect(model, backend, task, row, m_clean: float) -> float:
 
 
 def clean_metrics(model, task) -> Dict[int, float]:
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = {}
     with torch.no_grad():
         for b in range(len(task)):
@@ -631,7 +633,7 @@ def bench_local(args, device: str, jobs: List[tuple]) -> List[dict]:
 
 def fwd_bwd(model, task, ctx: Callable[[], Any]):
     """One forward + backward: gradient of sum_prompts m at the token embeddings (hook_embed)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     toks = task.tokens.to(device)
     leaf = {}
 

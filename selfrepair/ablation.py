@@ -110,6 +110,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._devices import analysis_dtype as _out_dtype, model_device as _model_device, model_dtype as _model_dtype
 from ._typing import Float, Int, Tensor
 from .probe import _CACHE as _PROBED, _kind
 from .tasks import Task
@@ -236,23 +237,6 @@ def _dims(model) -> _Dims:
     d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * int(cfg.d_model))
     return _Dims(int(cfg.n_layers), n_heads, int(n_kv), int(cfg.d_head), int(cfg.d_model), int(cfg.d_vocab), d_mlp,
                  bool(getattr(cfg, "gated_mlp", False)), kind, arch, z_hook)
-
-
-def _model_dtype(model) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _out_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
 def _has_user_fwd_hooks(model) -> bool:

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._typing import Float, Tensor
-from .ablation import _model_device, _model_dtype, _out_dtype
+from ._devices import analysis_dtype as _out_dtype, model_device as _model_device, model_dtype as _model_dtype
 from .gim import gim
 from .tasks import Task, bos_id, get_tokenizer
 

@@ -34,7 +34,7 @@ import torch
 
 from ._typing import Bool, Float, Int, Tensor
 from .tasks import Task
-from .ablation import _model_device, _model_dtype as _model_float_dtype
+from ._devices import model_device as _model_device, model_dtype as _model_float_dtype
 
 
 @dataclass

@@ -56,7 +56,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from .ablation import _out_dtype  # float32 or better: float64 stays float64
+from ._devices import analysis_dtype as _out_dtype
 
 __all__ = ["gim", "GIMHookError", "tsg_scores_grad", "tsg_pattern_grad"]
 

@@ -46,6 +46,8 @@ from typing import Literal, Optional
 
 import torch
 
+from ._devices import model_device
+
 __all__ = ["Backend", "probe", "ProbeError", "norm_freeze_hooks"]
 
 
@@ -197,11 +199,7 @@ class _Prober:
         self.d_vocab = int(cfg.d_vocab)
         self.n_ctx = int(cfg.n_ctx)
         self.T = max(2, min(self.T, self.n_ctx))
-        try:
-            p = next(model.parameters())
-            self.device = p.device
-        except StopIteration:
-            self.device = torch.device("cpu")
+        self.device = model_device(model)
         gen = torch.Generator().manual_seed(1234)
         lo = 3 if self.d_vocab > 8 else 0
         self.tokens = torch.randint(lo, self.d_vocab, (1, self.T), generator=gen).to(self.device)

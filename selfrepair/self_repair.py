@@ -67,6 +67,7 @@ import pandas as pd
 import torch
 
 from ._io import atomic_write
+from ._devices import model_dtype
 from ._typing import Bool, Float, Int, Tensor
 from .cache import cached_run, check_backend
 from .tasks import Task
@@ -663,7 +664,7 @@ def analyze_self_repair(
     meta = dict(
         model_name=str(getattr(cfg, "model_name", type(model).__name__)), model_architecture=backend.architecture,
         backend=backend.kind, score_site=backend.score_site, model_hash=mhash,
-        model_dtype=str(next((p.dtype for p in model.parameters()), "unknown")).replace("torch.", ""),
+        model_dtype=str(model_dtype(model)).replace("torch.", ""),
         n_layers=backend.n_layers, n_heads=backend.n_heads, n_kv_heads=backend.n_kv_heads, d_head=backend.d_head,
         task_name=str(task.name), task_size=len(task), task_seq_len=int(task.tokens.shape[1]), task_hash=thash,
         metric=task.metric if isinstance(task.metric, str) else getattr(task.metric, "__qualname__", "callable"),

@@ -36,6 +36,7 @@ from typing import Callable, Union
 
 import torch
 
+from ._devices import model_device
 from ._typing import Float, Int, Tensor
 
 MetricFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -681,13 +682,6 @@ def from_jsonl(path: Union[str, Path], model, *, prepend_bos: Union[bool, None] 
 # evaluation
 
 
-def _device(model):
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device(getattr(model.cfg, "device", None) or "cpu")
-
-
 @torch.no_grad()
 def score(model, task: Task, *, batch_size: Union[int, None] = 64):
     """Per-prompt scores of ``model`` on ``task`` from plain forward passes (padding masked).
@@ -698,7 +692,7 @@ def score(model, task: Task, *, batch_size: Union[int, None] = 64):
     """
     import pandas as pd
 
-    dev = _device(model)
+    dev = model_device(model)
     out = []
     for start, b in task.batches(batch_size):
         toks = b.tokens.to(dev)
