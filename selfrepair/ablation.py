@@ -541,17 +541,10 @@ class CleanRun:
             raise ValueError("clean= was prepared for a different task (tokens differ); call prepare_clean(model, task).")
 
 
-def _check_task(model, task: Task, dims: _Dims):
+def _check_task(model, task: Task):
     if not isinstance(task, Task):
         raise TypeError(f"task must be a selfrepair Task; got {type(task).__name__}.")
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if n_ctx and task.tokens.shape[1] > int(n_ctx):
-        raise ValueError(f"task has {task.tokens.shape[1]} positions but the model's context is {n_ctx}; "
-                         "shorten the prompts.")
-    vmin, vmax = int(task.tokens.min()), int(task.tokens.max())
-    if vmax >= dims.d_vocab or vmin < 0:
-        raise ValueError(f"task tokens must lie in [0, {dims.d_vocab}) (the model's vocabulary); "
-                         f"found {vmin if vmin < 0 else vmax}.")
+    task.validate(model)   # ids in the vocabulary, prompts and padding within the context
 
 
 def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional[int] = None) -> CleanRun:
@@ -559,7 +552,7 @@ def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}.")
     dims = _dims(model)
-    _check_task(model, task, dims)
+    _check_task(model, task)
     kind, reason = _fast_support(model, dims)
     if kind is not None and path != "hooks" and _has_user_fwd_hooks(model):
         kind, reason = None, "the model carries forward hooks (the fast path would bypass them)"

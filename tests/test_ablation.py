@@ -398,6 +398,15 @@ def test_bad_input_errors(gpt2_bridge64):
         one(layer=[0.5])
     with pytest.raises(ValueError, match="unknown path"):
         A.measure_z_edits(model, task, one(), progress=False, path="fastest")
+    V, n_ctx = model.cfg.d_vocab, model.cfg.n_ctx
+    with pytest.raises(ValueError, match=rf"token id {V} at position 1 is outside the model's vocabulary"):
+        A.prepare_clean(model, Task(torch.tensor([[3, V, 4]]), [5], [6]))
+    with pytest.raises(ValueError, match="answer id"):
+        A.prepare_clean(model, Task(torch.tensor([[3, 4, 5]]), [V], [6]))
+    with pytest.raises(ValueError, match="context"):
+        A.prepare_clean(model, Task(torch.randint(3, 100, (1, n_ctx + 1)), [5], [6]))
+    with pytest.raises(TypeError, match="selfrepair Task"):
+        A.prepare_clean(model, task.tokens)
     with pytest.raises(ValueError, match="batch_size"):
         A.measure_z_edits(model, task, one(), progress=False, batch_size=0)
     other = _task(model, seed=99)
