@@ -209,9 +209,8 @@ def llama2c_to_hf(path: Union[str, os.PathLike], *, dtype: torch.dtype = torch.f
         sd[p + "mlp.gate_proj.weight"] = t(a["w1"][l])
         sd[p + "mlp.down_proj.weight"] = t(a["w2"][l])
         sd[p + "mlp.up_proj.weight"] = t(a["w3"][l])
-    sd["lm_head.weight"] = t(a["wcls"]) if "wcls" in a else sd["model.embed_tokens.weight"]
-    if hdr.shared_classifier:
-        del sd["lm_head.weight"]
+    if not hdr.shared_classifier:              # the file has wcls exactly then (_layout)
+        sd["lm_head.weight"] = t(a["wcls"])
     result = model.load_state_dict(sd, strict=False)
     unexpected = list(result.unexpected_keys)
     missing = [k for k in result.missing_keys if not (hdr.shared_classifier and k == "lm_head.weight")]

@@ -564,7 +564,7 @@ def _auto_batch_size(task: Task, n_layers: int, n_heads: int, d_head: int, items
     return int(max(1, min(len(task), 64, (2 ** 28) // max(per_prompt, 1))))
 
 
-def _validate(model, task, backend, *, k, min_contribution, select, threshold, min_effect, ablation,
+def _validate(task, backend, *, k, min_contribution, select, threshold, min_effect, ablation,
               value_ablation, layers, heads, temperature, batch_size, dtype):
     if not isinstance(task, Task):
         raise TypeError(f"task must be a selfrepair.Task; got {type(task).__name__}.")
@@ -647,7 +647,7 @@ def analyze_self_repair(
     from .cache import _get_backend
 
     backend = _get_backend(model, None)
-    layers, heads = _validate(model, task, backend, k=k, min_contribution=min_contribution, select=select,
+    layers, heads = _validate(task, backend, k=k, min_contribution=min_contribution, select=select,
                               threshold=threshold, min_effect=min_effect, ablation=ablation,
                               value_ablation=value_ablation, layers=layers, heads=heads, temperature=temperature,
                               batch_size=batch_size, dtype=dtype)
@@ -768,7 +768,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
     t0 = time.perf_counter()
     run = cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))
     dev = run.metric.device
-    b, n = task.tokens.shape[0], run.mask.shape[1]
+    n = run.mask.shape[1]
     f64 = torch.float64
     qpos = torch.arange(n, device=dev)
     q_ok = (qpos[None] < run.lengths[:, None]) & (qpos[None] <= run.positions[:, None])          # [b, q]
@@ -777,7 +777,6 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
     sel_mask = run.mask.clone()                                                                  # [b, q, k]
     if exclude_bos:
         sel_mask[:, :, 0] = False
-    mean_mask_full = sel_mask                                                                    # same keys
     n_unmasked = run.mask.sum(-1)                                                                # [b, q]
     parts, edits = [], []
     for l in layers:
@@ -797,7 +796,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         a_r = a[bi, hi, qi].to(f64)
         c_r = c[bi, hi, qi].to(f64)
         m_r = run.mask[bi, qi]
-        mm_r = mean_mask_full[bi, qi]
+        mm_r = sel_mask[bi, qi]                                    # the mean runs over the selectable keys
         vK = v[bi[:, None], keys, hi[:, None]].to(f64)                                           # [R, k, d]
         v_rest = None
         if global_effects:
@@ -827,7 +826,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
             edits.append((bi, hi, qi, l, zd))
         parts.append(o)
     t_local = time.perf_counter() - t0
-    df = _to_frame(parts, k, min_effect, threshold)
+    df = _to_frame(parts, min_effect, threshold)
     t_global = 0.0
     if global_effects:
         t1 = time.perf_counter()
@@ -882,7 +881,7 @@ def interaction_ratio(
     return r, r_sym
 
 
-def _to_frame(parts: List[Dict[str, Tensor]], k: int, min_effect: float, threshold: float) -> pd.DataFrame:
+def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: float) -> pd.DataFrame:
     if not parts:
         return _empty_frame(False)
     cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

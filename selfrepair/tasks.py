@@ -569,6 +569,11 @@ def from_jsonl(path: Union[str, Path], model, *, prepend_bos: Union[bool, None] 
             def err(msg):
                 return TaskError(f"{where}: {msg}")
 
+            def too_long(seq):
+                if len(seq) > n_ctx:
+                    raise err(f"prompt is {len(seq)} tokens, longer than the model's context (n_ctx={n_ctx}); "
+                              "shorten it.")
+
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -601,12 +606,9 @@ def from_jsonl(path: Union[str, Path], model, *, prepend_bos: Union[bool, None] 
                               '{"tokens": [...], "answer_id": ..., "wrong_id": ...}.')
                 if rec["prompt"] == "":
                     raise err("empty prompt.")
-                seq = _encode(tok, rec["prompt"])
-                if pre and (not seq or seq[0] != bos):
-                    seq = [bos] + seq
-                if len(seq) > n_ctx:
-                    raise err(f"prompt is {len(seq)} tokens, longer than the model's context (n_ctx={n_ctx}); "
-                              "shorten it.")
+                plain = _encode(tok, rec["prompt"])
+                seq = [bos] + plain if pre and (not plain or plain[0] != bos) else plain
+                too_long(seq)
                 pair = []
                 for k in ("answer", "wrong"):
                     ids = _encode(tok, rec[k])
@@ -617,7 +619,6 @@ def from_jsonl(path: Union[str, Path], model, *, prepend_bos: Union[bool, None] 
                                   "(with its leading space, e.g. ' foo'), or use answer_id/wrong_id.")
                     pair.append(ids[0])
                 ans, wr = pair
-                plain = _encode(tok, rec["prompt"])
                 merged = [k for k, t in (("answer", ans), ("wrong", wr))
                           if _encode(tok, rec["prompt"] + rec[k]) != plain + [t]]
                 if merged:
@@ -646,8 +647,7 @@ def from_jsonl(path: Union[str, Path], model, *, prepend_bos: Union[bool, None] 
                 for k, v in [("answer_id", ans), ("wrong_id", wr)] + [(f"tokens[{i}]", t) for i, t in enumerate(seq)]:
                     if not 0 <= v < d_vocab:
                         raise err(f"{k} = {v} is outside the model's vocabulary [0, {d_vocab}).")
-            if len(seq) > n_ctx:
-                raise err(f"prompt is {len(seq)} tokens, longer than the model's context (n_ctx={n_ctx}); shorten it.")
+                too_long(seq)
             if ans == wr:
                 raise err(f"answer and wrong are the same token (id {ans}); logit_diff would be identically 0.")
             pos = rec.get("position", None)
