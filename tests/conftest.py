@@ -34,6 +34,33 @@ VOCAB = 200
 N_CTX = 64
 
 
+# ----------------------------------------------------------------------------- tolerances
+# Floating point differs between CPUs (BLAS kernels, summation order, vector width): the same
+# float64 code gave 5.6e-9 relative on an AMD EPYC where 1e-9 had been demanded on an Intel Xeon.
+# Tolerances are therefore derived from the quantities compared:
+# - an element computed from terms of magnitude S carries an absolute rounding error ~ eps * S,
+#   whatever its own size: ``scaled_atol`` scales the absolute tolerance by the largest magnitude;
+# - a ratio x / y inherits err(x) / |y| + |x / y| * err(y) / |y|: ``ratio_tol`` propagates it.
+
+EPS64 = float(torch.finfo(torch.float64).eps)   # 2.2e-16
+EPS32 = float(torch.finfo(torch.float32).eps)   # 1.2e-7
+
+
+def scaled_atol(x, rel: float) -> float:
+    """``rel`` times the largest finite magnitude in ``x`` (0 for an empty or all-NaN input)."""
+    import numpy as np
+    a = np.abs(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=float))
+    a = a[np.isfinite(a)]
+    return float(rel * a.max()) if a.size else 0.0
+
+
+def ratio_tol(num_err, ratio, den):
+    """Propagated absolute error of ``ratio = num / den`` when num and den each carry an absolute error
+    ``num_err`` (elementwise): ``num_err * (1 + |ratio|) / |den|``."""
+    import numpy as np
+    return np.asarray(num_err, float) * (1.0 + np.abs(np.asarray(ratio, float))) / np.abs(np.asarray(den, float))
+
+
 def _has_bridge() -> bool:
     try:
         import transformer_lens.model_bridge  # noqa: F401
