@@ -203,3 +203,25 @@ def test_bad_alpha_and_level_raise(alpha):
         S.benjamini_hochberg([0.1, 0.2], alpha=alpha)
     with pytest.raises(ValueError, match="level"):
         S.proportion_interval([1, 0], [0, 1], level=alpha)
+
+
+def test_proportion_intervals_per_threshold_equal_one_share_at_a_time():
+    rng = np.random.default_rng(5)
+    clusters = rng.integers(0, 12, size=80)
+    r = rng.normal(size=80) + 0.5 * (clusters % 3)             # prompt-level shifts: clustered flags
+    r[rng.random(80) < 0.1] = np.nan                           # undefined ratios: not counted
+    thresholds = np.array([-np.inf, -0.5, 0.0, 0.1, 0.5, 1.0, 2.0, np.inf])
+    flags = np.where(np.isnan(r), np.nan, (r[None] > thresholds[:, None]).astype(float))
+    o = S.proportion_intervals(flags, clusters)
+    for t in range(len(thresholds)):
+        keep = ~np.isnan(flags[t])
+        f, c = flags[t][keep], clusters[keep]
+        n = len(f)
+        p = f.mean()
+        deff = 1.0 if np.ptp(f) == 0 else ref_design_effect(f, c)
+        lo, hi = ref_wilson(p, n / deff)
+        assert o["n"][t] == n and o["share"][t] == pytest.approx(p, abs=TOL)
+        assert o["n_eff"][t] == pytest.approx(n / deff, abs=TOL)
+        assert (o["lo"][t], o["hi"][t]) == pytest.approx((lo, hi), abs=TOL)
+    assert o["hi"][0] == 1.0 and o["lo"][-1] == 0.0             # the all-flagged and none-flagged shares
+    assert (o["n_eff"][1:-1] < o["n"][1:-1]).any()               # the clustering counts somewhere

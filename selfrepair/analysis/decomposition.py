@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 from einops import rearrange, repeat
 
@@ -44,7 +45,7 @@ def _check_ablation(ablation: str) -> None:
 
 def _rows(a, mask, c, keys, mean_mask):
     a = torch.as_tensor(a).to(_F64)
-    out = [a, torch.as_tensor(mask).bool()]
+    out = [a, torch.as_tensor(mask).bool().to(a.device)]
     out.append(None if c is None else torch.as_tensor(c).to(device=a.device, dtype=_F64))
     out += [torch.as_tensor(keys).long().to(a.device), torch.as_tensor(mean_mask).bool().to(a.device)]
     return out
@@ -145,6 +146,28 @@ def concealment(
     return {"concealment": conc, "concealment_share": share, "E0": E0, "effects": E, "c_rest": c_rest}
 
 
+def _pattern_changes(a, mask, keys, mean_mask, ablation: str):
+    """``p - p'`` [R, k + 1, n] of the individual ablations (in the order of ``keys``) and the joint one,
+    and ``p_S`` [R, k], from the kernel: its head-output change ``z' - z = -sum_j (p_j - p'_j) v_j`` with
+    the values ``v_j = e_j`` (the identity, d = n) is ``-(p - p')``."""
+    R, n = a.shape
+    k = keys.shape[1]
+    eye = torch.eye(n, dtype=_F64, device=a.device)
+    rest = mask.clone().scatter_(1, keys, False)
+    s_rest = torch.softmax(a.masked_fill(~rest, float("-inf")), 1).nan_to_num(0.0)   # = v_rest with v = I
+    step = max(1, _BUDGET // ((2 ** k) * (k + 2) + (2 * k + 3) * n))
+    dP, pK = [], []
+    for s in range(0, R, step):
+        sl = slice(s, s + step)
+        o = row_effects(a[sl], mask[sl], torch.zeros_like(a[sl]), keys[sl], mean_mask[sl], ablation=ablation,
+                        value_ablation="zero", temperature=1.0, v_keys=eye[keys[sl]], v_rest=s_rest[sl])
+        dP.append(-o["z_deltas"])
+        pK.append(o["p"])
+    if R == 0:
+        return a.new_zeros(0, k + 1, n), a.new_zeros(0, k)
+    return torch.cat(dP), torch.cat(pK)
+
+
 def permutation_p(
     a: Float[Tensor, "R n"],
     mask: Bool[Tensor, "R n"],
@@ -166,12 +189,16 @@ def permutation_p(
     .manual_seed(seed))`` on the CPU, B = ``n_permutations``, drawn in consecutive chunks of rows
     (``chunk_rows``; torch's CPU generator yields the same numbers whole or in chunks). Permutation b of
     row r puts on the t-th permutable key (ascending position) the c of the permutable key with the t-th
-    smallest ``u[r, b]`` (stable order) among the permutable keys; the other keys keep their c.
-    ``r_b`` is r from the kernel with those contributions (NaN under the floor, whose w uses the permuted
-    c). ``permutation_p = (1 + #{b: r_b >= r}) / (1 + #{b: r_b defined})``, NaN where r is NaN; a tie
+    smallest ``u[r, b]`` among the permutable keys (float64 draws: ties have probability ~1e-12 and are
+    broken by the sort); the other keys keep their c.
+    ``r_b`` is r with those contributions (NaN under the floor, whose w uses the permuted c). The scores
+    are fixed, so every local effect is linear in c: ``E_b(S') = sum_j (p_j - p'_j(S')) c_b,j`` with the
+    pattern changes taken once per row from the kernel, then one product for all B permutations.
+    ``permutation_p = (1 + #{b: r_b >= r}) / (1 + #{b: r_b defined})``, NaN where r is NaN; a tie
     counts when ``r_b >= r - TIE_RTOL * max(1, |r|)`` (float64 rounding of r is orders of magnitude
     smaller, so permutations that leave r unchanged, e.g. under two equal scores and a uniform rest,
-    count as ties). Returns ``permutation_p``, ``interaction`` (r) and ``n_defined`` (defined r_b), [R].
+    count as ties). Returns ``permutation_p``, ``interaction`` (r, from the kernel with the row's own c)
+    and ``n_defined`` (defined r_b), [R].
     """
     _check_ablation(ablation)
     B = int(n_permutations)
@@ -183,31 +210,33 @@ def permutation_p(
     dev = a.device
     E, ES, W = _effects(a, mask, c, keys, mean_mask, ablation)
     r = interaction_ratio(E, ES, W, min_effect)[0]
+    dP, pK = _pattern_changes(a, mask, keys, mean_mask, ablation)          # [R, k+1, n], [R, k]
+    c0 = torch.where(mask, c, torch.zeros((), dtype=_F64, device=dev))   # masked keys hold no weight
     perm_ok = mask.clone()
     if exclude_bos and n > 0:
         perm_ok[:, 0] = False
     # target slots: permutable keys in ascending position first, then the fixed ones (ascending)
     dst_all = torch.argsort((~perm_ok).to(torch.int8), dim=1, stable=True)
     gen = torch.Generator().manual_seed(int(seed))
-    step = chunk_rows if chunk_rows is not None else max(1, _BUDGET // (B * ((2 ** k) * (k + 2) + n)))
+    fixed_cpu = (~perm_ok).cpu()
+    pos = torch.arange(n, dtype=_F64)
+    step = int(chunk_rows) if chunk_rows is not None else max(1, _BUDGET // (B * (n + k + 2)))
     ge = torch.zeros(R, dtype=torch.long, device=dev)
     n_def = torch.zeros(R, dtype=torch.long, device=dev)
-    for s in range(0, R, int(step)):
-        sl = slice(s, s + int(step))
+    for s in range(0, R, step):
+        sl = slice(s, s + step)
         Rc = a[sl].shape[0]
-        u = torch.rand(Rc, B, n, dtype=_F64, generator=gen).to(dev)
-        u = u.masked_fill(~perm_ok[sl, None, :], 2.0)                      # fixed keys sort last, in order
-        src = torch.argsort(u, dim=2, stable=True)
+        u = torch.rand(Rc, B, n, dtype=_F64, generator=gen)
+        u = torch.where(fixed_cpu[sl, None, :], 2.0 + pos, u).numpy()      # fixed keys sort last, in order
+        src = torch.from_numpy(np.argsort(u, axis=2)).to(dev)              # numpy's sort: ~4x torch's on CPU
         dst = dst_all[sl, None, :].expand(Rc, B, n)
         cb = torch.zeros(Rc, B, n, dtype=_F64, device=dev).scatter_(
-            2, dst, c[sl, None, :].expand(Rc, B, n).gather(2, src))
-
-        def flat(x):
-            return repeat(x, "r ... -> (r b) ...", b=B)
-
-        Eb, ESb, Wb = _effects(flat(a[sl]), flat(mask[sl]), rearrange(cb, "r b n -> (r b) n"), flat(keys[sl]),
-                               flat(mean_mask[sl]), ablation)
-        rb = rearrange(interaction_ratio(Eb, ESb, Wb, min_effect)[0], "(r b) -> r b", b=B)
+            2, dst, c0[sl, None, :].expand(Rc, B, n).gather(2, src))          # [Rc, B, n]
+        Eb = torch.einsum("rsn,rbn->rbs", dP[sl], cb)                       # [Rc, B, k+1]
+        wb = pK[sl, None, :] * cb.gather(2, keys[sl, None, :].expand(Rc, B, k))
+        rb = interaction_ratio(rearrange(Eb[..., :k], "r b k -> (r b) k"), rearrange(Eb[..., k], "r b -> (r b)"),
+                               rearrange(wb, "r b k -> (r b) k"), min_effect)[0]
+        rb = rearrange(rb, "(r b) -> r b", b=B)
         r0 = r[sl, None]
         tol = TIE_RTOL * r0.abs().clamp_min(1.0)
         ge[sl] = (rb >= r0 - tol).sum(1)                                   # NaN compares False

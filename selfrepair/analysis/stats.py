@@ -6,20 +6,20 @@
   prompts (clusters resampled with replacement), vectorised over the bootstrap draws.
 - ``proportion_interval``: a share of 0/1 flags with the Wilson score interval on the
   sample size divided by the design effect of the prompt clusters (valid at 0 and 1,
-  where a bootstrap collapses to [1, 1]); ``design_effect`` and ``wilson_interval`` are
-  its two parts.
+  where a bootstrap collapses to [1, 1]); ``proportion_intervals`` for many shares at once
+  (e.g. one per threshold); ``design_effect`` and ``wilson_interval`` are its two parts.
 - ``benjamini_hochberg``: the Benjamini-Hochberg step-up procedure (NaN p values are not
   tested and do not count in m).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["spearman", "pearson", "spearman_interval", "proportion_interval", "design_effect",
+__all__ = ["spearman", "pearson", "spearman_interval", "proportion_interval", "proportion_intervals", "design_effect",
            "wilson_interval", "benjamini_hochberg"]
 
 _MIN_PAIRS = 3
@@ -102,7 +102,7 @@ def spearman_interval(x, y, clusters, *, n_boot: int = 2000, seed: int = 0,
     C, N = int(inv.max()) + 1, len(x)
     draws = np.random.default_rng(seed).integers(0, C, size=(int(n_boot), C))
     boots = np.empty(int(n_boot))
-    step = max(1, 2 ** 22 // max(N, C))
+    step = max(1, 2 ** 20 // max(N, C))                         # ~10 arrays of [step, N] float64
     for s in range(0, int(n_boot), step):
         d = draws[s:s + step]
         B = len(d)
@@ -122,8 +122,46 @@ def spearman_interval(x, y, clusters, *, n_boot: int = 2000, seed: int = 0,
     return rho, float(lo), float(hi)
 
 
+def _design_effects(y: np.ndarray, valid: np.ndarray, inv: np.ndarray, C: int) -> np.ndarray:
+    """Design effects of the rows of ``y`` [T, N] (0/1 where ``valid``), clusters ``inv`` in 0..C-1."""
+    H = np.zeros((len(inv), C))
+    H[np.arange(len(inv)), inv] = 1.0
+    yv = np.where(valid, y, 0.0)
+    m_c = valid.astype(np.float64) @ H                           # [T, C] cluster sizes
+    s_c = yv @ H                                                 # flags per cluster
+    N = m_c.sum(1)
+    n_cl = (m_c > 0).sum(1)
+    sum_m2 = (m_c ** 2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ybar_c = np.where(m_c > 0, s_c / np.where(m_c > 0, m_c, 1.0), 0.0)
+        ybar = s_c.sum(1) / N
+        ssb = (m_c * (ybar_c - ybar[:, None]) ** 2).sum(1)
+        ssw = (s_c * (1.0 - ybar_c)).sum(1)                       # sum (y - ybar_c)^2 for 0/1 flags
+        msb = ssb / (n_cl - 1)
+        msw = ssw / (N - n_cl)
+        m0 = (N - sum_m2 / N) / (n_cl - 1)
+        icc = (msb - msw) / (msb + (m0 - 1.0) * msw)
+        deff = np.maximum(1.0, 1.0 + (sum_m2 / N - 1.0) * icc)
+    deff = np.where((ssb + ssw) == 0.0, 1.0, deff)               # flags that do not vary
+    deff = np.where(n_cl == N, 1.0, deff)                        # clusters of size 1
+    deff = np.where(n_cl == 1, N, deff)                          # one cluster: one effective observation
+    return np.where(N > 0, deff, np.nan)
+
+
+def _clusters(flags, clusters):
+    f = np.asarray(flags, dtype=np.float64)
+    cl = np.asarray(clusters).ravel()
+    if f.shape[-1] != len(cl):
+        raise ValueError(f"clusters must have one id per flag (got {len(cl)} for {f.shape[-1]} flags).")
+    valid = ~np.isnan(f)
+    if not np.isin(f[valid], (0.0, 1.0)).all():
+        raise ValueError("flags must be 0/1 (or True/False; NaN for rows not counted).")
+    _, inv = np.unique(cl, return_inverse=True)
+    return f, valid, inv.ravel(), int(inv.max()) + 1 if len(inv) else 0
+
+
 def design_effect(flags, clusters) -> float:
-    """Design effect of a share of 0/1 flags sampled in clusters (prompts), at least 1.
+    """Design effect of a share of 0/1 flags (NaN entries not counted) sampled in clusters (prompts), >= 1.
 
     ``deff = 1 + (m - 1) * icc`` with ``m = sum_c m_c^2 / N`` (the size-weighted mean cluster size;
     the common size when all are equal) and ``icc`` the one-way ANOVA estimator of the intra-cluster
@@ -131,32 +169,12 @@ def design_effect(flags, clusters) -> float:
     ``MSW = sum (y - ybar_c)^2 / (N - C)``, ``m0 = (N - sum_c m_c^2 / N) / (C - 1)``; clamped to
     ``deff >= 1``. Special cases: every cluster of size 1 -> 1; flags that do not vary -> 1 (no
     variance to attribute to clusters; the estimator's limit when one flag flips); a single cluster
-    holding N > 1 flags -> N (no replication across clusters: one effective observation).
+    holding N > 1 flags -> N (no replication across clusters: one effective observation); no flags -> NaN.
     """
-    y = np.asarray(flags, dtype=np.float64).ravel()
-    cl = np.asarray(clusters).ravel()
-    if len(cl) != len(y):
-        raise ValueError(f"clusters must have one id per flag (got {len(cl)} for {len(y)} flags).")
-    N = len(y)
-    if N == 0:
+    f, valid, inv, C = _clusters(np.asarray(flags, dtype=np.float64).ravel(), clusters)
+    if C == 0:
         return float("nan")
-    _, inv = np.unique(cl, return_inverse=True)
-    m_c = np.bincount(inv).astype(np.float64)
-    C = len(m_c)
-    if C == N:
-        return 1.0
-    if C == 1:
-        return float(N)
-    ybar_c = np.bincount(inv, weights=y) / m_c
-    ssb = float((m_c * (ybar_c - y.mean()) ** 2).sum())
-    ssw = float(((y - ybar_c[inv]) ** 2).sum())
-    if ssb + ssw == 0.0:
-        return 1.0
-    msb, msw = ssb / (C - 1), ssw / (N - C)
-    m0 = (N - float((m_c ** 2).sum()) / N) / (C - 1)
-    icc = (msb - msw) / (msb + (m0 - 1.0) * msw)
-    m_bar = float((m_c ** 2).sum()) / N
-    return max(1.0, 1.0 + (m_bar - 1.0) * icc)
+    return float(_design_effects(f[None], valid[None], inv, C)[0])
 
 
 def wilson_interval(share, n, *, level: float = 0.95) -> Tuple[np.ndarray, np.ndarray]:
@@ -179,6 +197,21 @@ def wilson_interval(share, n, *, level: float = 0.95) -> Tuple[np.ndarray, np.nd
     return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
 
+def proportion_intervals(flags, clusters, *, level: float = 0.95) -> Dict[str, np.ndarray]:
+    """``proportion_interval`` for many shares over the same rows at once (e.g. one per threshold):
+    ``flags`` [T, N] (NaN = not counted in that share), ``clusters`` [N]. Returns arrays [T] ``share``,
+    ``lo``, ``hi``, ``n``, ``n_eff``."""
+    _check_level(level)
+    f, valid, inv, C = _clusters(np.atleast_2d(np.asarray(flags, dtype=np.float64)), clusters)
+    n = valid.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(valid, f, 0.0).sum(1) / n
+    deff = _design_effects(f, valid, inv, C) if C else np.full(len(f), np.nan)
+    n_eff = np.where(n > 0, n / deff, 0.0)
+    lo, hi = wilson_interval(share, n_eff, level=level)
+    return {"share": share, "lo": lo, "hi": hi, "n": n, "n_eff": n_eff}
+
+
 def proportion_interval(flags, clusters, *, level: float = 0.95) -> Tuple[float, float, float, int, float]:
     """Share of 0/1 ``flags`` (NaN entries are not counted) with an interval valid at 0 and 1.
 
@@ -187,22 +220,8 @@ def proportion_interval(flags, clusters, *, level: float = 0.95) -> Tuple[float,
     ANOVA intra-cluster correlation, at least 1). Returns ``(share, lo, hi, n, n_eff)``; all flagged
     gives ``hi = 1`` and ``lo < 1``; an empty sample gives NaN with n = 0.
     """
-    _check_level(level)
-    f = np.asarray(flags, dtype=np.float64).ravel()
-    cl = np.asarray(clusters).ravel()
-    if len(cl) != len(f):
-        raise ValueError(f"clusters must have one id per flag (got {len(cl)} for {len(f)} flags).")
-    ok = ~np.isnan(f)
-    f, cl = f[ok], cl[ok]
-    if not np.isin(f, (0.0, 1.0)).all():
-        raise ValueError("flags must be 0/1 (or True/False; NaN for rows not counted).")
-    n = len(f)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan"), 0, 0.0
-    share = float(f.mean())
-    n_eff = n / design_effect(f, cl)
-    lo, hi = wilson_interval(share, n_eff, level=level)
-    return share, float(lo), float(hi), n, float(n_eff)
+    o = proportion_intervals(np.asarray(flags, dtype=np.float64).ravel()[None], clusters, level=level)
+    return (float(o["share"][0]), float(o["lo"][0]), float(o["hi"][0]), int(o["n"][0]), float(o["n_eff"][0]))
 
 
 def benjamini_hochberg(p, alpha: float = 0.05) -> Tuple[np.ndarray, np.ndarray]:
