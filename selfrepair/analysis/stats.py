@@ -35,7 +35,7 @@ def _pairs(x, y) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _usable(x: np.ndarray, y: np.ndarray) -> bool:
-    return len(x) >= _MIN_PAIRS and np.ptp(x) > 0 and np.ptp(y) > 0
+    return bool(len(x) >= _MIN_PAIRS and np.ptp(x) > 0 and np.ptp(y) > 0)
 
 
 def _check_level(level: float) -> None:
