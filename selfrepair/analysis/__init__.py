@@ -1,0 +1,1 @@
+"""Analyses of the effects: statistics (``stats``) and what the interaction ratio is made of (``decomposition``)."""

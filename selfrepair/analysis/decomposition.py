@@ -1,0 +1,344 @@
+"""What the interaction ratio r is made of, and how large the groups are (SPEC "What r is made of:
+geometry versus redundancy" and "Group sizes").
+
+Closed form, batched over rows, float64, on the row representation of the self-repair kernel
+(``row_effects``): per row (one prompt, head and query) ``a [R, n]`` the scores, ``mask [R, n]`` the
+unmasked keys, ``c [R, n] = g . v_j``, ``keys [R, k]`` the group S, ``mean_mask [R, n]`` the keys that
+enter the score mean (the unmasked keys, key 0 left out under ``exclude_bos``), ``ablation``
+``"mean"`` or ``"knockout"`` (rows with no more than k unmasked keys must not be passed under
+knockout, as in the analysis). Local effects are ``E(p') = sum_j (p_j - p'_j) c_j``; the floor of a
+ratio is ``max(min_effect, 0.01 sum_S |w_j|)`` with ``w_j = p_j c_j`` (SPEC "Individual versus joint").
+
+- ``mass_interaction``: r with ``c = 1_S`` (pure softmax geometry; floor with w = p, min_effect in mass units).
+- ``concealment``: per key, the part of its individual effect the other keys of S hide by carrying
+  what it carries; ``concealment_share`` per group.
+- ``permutation_p``: a permutation test of "the interaction needs these contributions".
+- ``c_ratio``, ``value_similarity_out``, ``n_contributing``, ``n_clusters``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from einops import rearrange, repeat
+
+from .._typing import Bool, Float, Int, Tensor
+from ..self_repair import _row_effects as row_effects, interaction_ratio  # moves to analysis.rows
+
+__all__ = ["mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
+           "n_contributing", "n_clusters", "TIE_RTOL"]
+
+ABLATIONS = ("mean", "knockout")
+SELECT_MODES = ("positive", "abs")
+#: permutation test: r_b counts as ">= r" when ``r_b >= r - TIE_RTOL * max(1, |r|)`` (see ``permutation_p``)
+TIE_RTOL = 1e-9
+_F64 = torch.float64
+_BUDGET = 2 ** 22        # elements of the kernel's largest intermediate per chunk of rows
+
+
+def _check_ablation(ablation: str) -> None:
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}.")
+
+
+def _rows(a, mask, c, keys, mean_mask):
+    a = torch.as_tensor(a).to(_F64)
+    out = [a, torch.as_tensor(mask).bool().to(a.device)]
+    out.append(None if c is None else torch.as_tensor(c).to(device=a.device, dtype=_F64))
+    out += [torch.as_tensor(keys).long().to(a.device), torch.as_tensor(mean_mask).bool().to(a.device)]
+    return out
+
+
+def _chunk(k: int, n: int) -> int:
+    """Rows per kernel call: the subset tensors are [rows, 2^k, k + 2] beside [rows, n]."""
+    return max(1, _BUDGET // ((2 ** k) * (k + 2) + n))
+
+
+def _effects(a, mask, c, keys, mean_mask, ablation: str):
+    """Individual effects [R, k], joint effect [R] and contributions w_S [R, k] from the kernel, in chunks."""
+    R, n = a.shape
+    step = _chunk(keys.shape[1], n)
+    E, ES, W = [], [], []
+    for s in range(0, R, step):
+        sl = slice(s, s + step)
+        o = row_effects(a[sl], mask[sl], c[sl], keys[sl], mean_mask[sl], ablation=ablation,
+                        value_ablation="zero", temperature=1.0)
+        E.append(o["effects"])
+        ES.append(o["effect_joint"])
+        W.append(o["contributions"])
+    if R == 0:
+        k = keys.shape[1]
+        z = a.new_zeros(0, k)
+        return z, a.new_zeros(0), z
+    return torch.cat(E), torch.cat(ES), torch.cat(W)
+
+
+def mass_interaction(
+    a: Float[Tensor, "R n"],
+    mask: Bool[Tensor, "R n"],
+    keys: Int[Tensor, "R k"],
+    mean_mask: Bool[Tensor, "R n"],
+    *,
+    ablation: str = "mean",
+    min_effect: float = 1e-4,
+) -> Float[Tensor, "R"]:
+    """r computed with ``c = 1_S`` (the keys of S as perfect copies, every other key silent):
+    ``E_mass(S') = sum_{j in S} (p_j - p'_j)``, NaN when ``|E_mass(S)| < max(min_effect, 0.01 sum_S p_j)``
+    (``min_effect`` in mass units). Depends on the scores only."""
+    _check_ablation(ablation)
+    a, mask, _, keys, mean_mask = _rows(a, mask, None, keys, mean_mask)
+    one_s = torch.zeros_like(a).scatter_(1, keys, 1.0)
+    E, ES, W = _effects(a, mask, one_s, keys, mean_mask, ablation)
+    return interaction_ratio(E, ES, W, min_effect)[0]
+
+
+def concealment(
+    a: Float[Tensor, "R n"],
+    mask: Bool[Tensor, "R n"],
+    c: Float[Tensor, "R n"],
+    keys: Int[Tensor, "R k"],
+    mean_mask: Bool[Tensor, "R n"],
+    *,
+    ablation: str = "mean",
+    min_effect: float = 1e-4,
+) -> Dict[str, Tensor]:
+    """How much of each key's individual effect the other keys of S hide by carrying what it carries.
+
+    ``c_rest`` [R]: the p-weighted mean of c over the row's keys outside S that enter the score mean
+    (``mean_mask``: unmasked, key 0 left out under ``exclude_bos``) in the clean row; NaN without such
+    keys. ``E0`` [R, k]: key j's individual effect had the other keys of S carried ``c_rest`` (the
+    kernel re-run with those contributions). ``concealment`` [R, k] ``= E0_j - E_j
+    = sum_{i in S, i != j} (p'^(j)_i - p_i)(c_i - c_rest)``. ``concealment_share`` [R]
+    ``= sum_j concealment_j / sum_j E0_j``, NaN when ``|sum_j E0_j| < max(min_effect, 0.01 sum_S |w_j|)``.
+    Also returns ``effects`` E_j [R, k].
+    """
+    _check_ablation(ablation)
+    a, mask, c, keys, mean_mask = _rows(a, mask, c, keys, mean_mask)
+    R, n = a.shape
+    k = keys.shape[1]
+    in_s = torch.zeros_like(mask).scatter_(1, keys, True)
+    rest = mean_mask & mask & ~in_s
+    p = torch.softmax(a.masked_fill(~mask, float("-inf")), 1).nan_to_num(0.0)
+    p_rest = torch.where(rest, p, torch.zeros((), dtype=_F64, device=a.device))
+    mass_rest = p_rest.sum(1)
+    c_rest = torch.where(mass_rest > 0, (p_rest * torch.where(rest, c, 0.0)).sum(1) / mass_rest,
+                         torch.full_like(mass_rest, float("nan")))
+    E, _, W = _effects(a, mask, c, keys, mean_mask, ablation)
+    # copy t of row r: the keys of S other than keys[r, t] carry c_rest
+    cx = repeat(c, "r n -> r t n", t=k).clone()
+    others = repeat(keys, "r s -> r t s", t=k)
+    own = torch.eye(k, dtype=torch.bool, device=a.device)[None].expand(R, k, k)
+    val = torch.where(own, cx.gather(2, others), c_rest[:, None, None].expand(R, k, k))
+    cx.scatter_(2, others, val)
+
+    def flat(x):
+        return repeat(x, "r ... -> (r t) ...", t=k)
+
+    E0x, _, _ = _effects(flat(a), flat(mask), rearrange(cx, "r t n -> (r t) n"), flat(keys), flat(mean_mask),
+                         ablation)
+    E0 = rearrange(E0x, "(r t) s -> r t s", t=k).diagonal(dim1=1, dim2=2)        # [R, k]
+    conc = E0 - E
+    tot = E0.sum(1)
+    floor = torch.clamp(0.01 * W.abs().sum(1), min=min_effect)
+    share = torch.where(tot.abs() >= floor, conc.sum(1) / tot, torch.full_like(tot, float("nan")))
+    return {"concealment": conc, "concealment_share": share, "E0": E0, "effects": E, "c_rest": c_rest}
+
+
+def _pattern_changes(a, mask, keys, mean_mask, ablation: str):
+    """``p - p'`` [R, k + 1, n] of the individual ablations (in the order of ``keys``) and the joint one,
+    and ``p_S`` [R, k], from the kernel: its head-output change ``z' - z = -sum_j (p_j - p'_j) v_j`` with
+    the values ``v_j = e_j`` (the identity, d = n) is ``-(p - p')``."""
+    R, n = a.shape
+    k = keys.shape[1]
+    eye = torch.eye(n, dtype=_F64, device=a.device)
+    rest = mask.clone().scatter_(1, keys, False)
+    s_rest = torch.softmax(a.masked_fill(~rest, float("-inf")), 1).nan_to_num(0.0)   # = v_rest with v = I
+    step = max(1, _BUDGET // ((2 ** k) * (k + 2) + (2 * k + 3) * n))
+    dP, pK = [], []
+    for s in range(0, R, step):
+        sl = slice(s, s + step)
+        o = row_effects(a[sl], mask[sl], torch.zeros_like(a[sl]), keys[sl], mean_mask[sl], ablation=ablation,
+                        value_ablation="zero", temperature=1.0, v_keys=eye[keys[sl]], v_rest=s_rest[sl])
+        dP.append(-o["z_deltas"])
+        pK.append(o["p"])
+    if R == 0:
+        return a.new_zeros(0, k + 1, n), a.new_zeros(0, k)
+    return torch.cat(dP), torch.cat(pK)
+
+
+def permutation_p(
+    a: Float[Tensor, "R n"],
+    mask: Bool[Tensor, "R n"],
+    c: Float[Tensor, "R n"],
+    keys: Int[Tensor, "R k"],
+    mean_mask: Bool[Tensor, "R n"],
+    *,
+    ablation: str = "mean",
+    min_effect: float = 1e-4,
+    n_permutations: int = 200,
+    seed: int = 0,
+    exclude_bos: bool = False,
+    chunk_rows: Optional[int] = None,
+) -> Dict[str, Tensor]:
+    """Permutation test of "the interaction needs these contributions" (scores and S fixed).
+
+    The permutable keys of a row are its unmasked keys (key 0 left out, and kept in place, under
+    ``exclude_bos``). Draws: ``u = torch.rand(R, B, n, dtype=float64, generator=torch.Generator()
+    .manual_seed(seed))`` on the CPU, B = ``n_permutations``, drawn in consecutive chunks of rows
+    (``chunk_rows``; torch's CPU generator yields the same numbers whole or in chunks). Permutation b of
+    row r puts on the t-th permutable key (ascending position) the c of the permutable key with the t-th
+    smallest ``u[r, b]`` among the permutable keys (float64 draws: ties have probability ~1e-12 and are
+    broken by the sort); the other keys keep their c.
+    ``r_b`` is r with those contributions (NaN under the floor, whose w uses the permuted c). The scores
+    are fixed, so every local effect is linear in c: ``E_b(S') = sum_j (p_j - p'_j(S')) c_b,j`` with the
+    pattern changes taken once per row from the kernel, then one product for all B permutations.
+    ``permutation_p = (1 + #{b: r_b >= r}) / (1 + #{b: r_b defined})``, NaN where r is NaN; a tie
+    counts when ``r_b >= r - TIE_RTOL * max(1, |r|)`` (float64 rounding of r is orders of magnitude
+    smaller, so permutations that leave r unchanged, e.g. under two equal scores and a uniform rest,
+    count as ties). Returns ``permutation_p``, ``interaction`` (r, from the kernel with the row's own c)
+    and ``n_defined`` (defined r_b), [R].
+    """
+    _check_ablation(ablation)
+    B = int(n_permutations)
+    if B < 1 or B != n_permutations:
+        raise ValueError(f"n_permutations must be a whole number >= 1 (got {n_permutations}); e.g. 200.")
+    a, mask, c, keys, mean_mask = _rows(a, mask, c, keys, mean_mask)
+    R, n = a.shape
+    k = keys.shape[1]
+    dev = a.device
+    E, ES, W = _effects(a, mask, c, keys, mean_mask, ablation)
+    r = interaction_ratio(E, ES, W, min_effect)[0]
+    dP, pK = _pattern_changes(a, mask, keys, mean_mask, ablation)          # [R, k+1, n], [R, k]
+    c0 = torch.where(mask, c, torch.zeros((), dtype=_F64, device=dev))   # masked keys hold no weight
+    perm_ok = mask.clone()
+    if exclude_bos and n > 0:
+        perm_ok[:, 0] = False
+    # target slots: permutable keys in ascending position first, then the fixed ones (ascending)
+    dst_all = torch.argsort((~perm_ok).to(torch.int8), dim=1, stable=True)
+    gen = torch.Generator().manual_seed(int(seed))
+    fixed_cpu = (~perm_ok).cpu()
+    pos = torch.arange(n, dtype=_F64)
+    step = int(chunk_rows) if chunk_rows is not None else max(1, _BUDGET // (B * (n + k + 2)))
+    ge = torch.zeros(R, dtype=torch.long, device=dev)
+    n_def = torch.zeros(R, dtype=torch.long, device=dev)
+    for s in range(0, R, step):
+        sl = slice(s, s + step)
+        Rc = a[sl].shape[0]
+        u = torch.rand(Rc, B, n, dtype=_F64, generator=gen)
+        u = torch.where(fixed_cpu[sl, None, :], 2.0 + pos, u).numpy()      # fixed keys sort last, in order
+        src = torch.from_numpy(np.argsort(u, axis=2)).to(dev)              # numpy's sort: ~4x torch's on CPU
+        dst = dst_all[sl, None, :].expand(Rc, B, n)
+        cb = torch.zeros(Rc, B, n, dtype=_F64, device=dev).scatter_(
+            2, dst, c0[sl, None, :].expand(Rc, B, n).gather(2, src))          # [Rc, B, n]
+        Eb = torch.einsum("rsn,rbn->rbs", dP[sl], cb)                       # [Rc, B, k+1]
+        wb = pK[sl, None, :] * cb.gather(2, keys[sl, None, :].expand(Rc, B, k))
+        rb = interaction_ratio(rearrange(Eb[..., :k], "r b k -> (r b) k"), rearrange(Eb[..., k], "r b -> (r b)"),
+                               rearrange(wb, "r b k -> (r b) k"), min_effect)[0]
+        rb = rearrange(rb, "(r b) -> r b", b=B)
+        r0 = r[sl, None]
+        tol = TIE_RTOL * r0.abs().clamp_min(1.0)
+        ge[sl] = (rb >= r0 - tol).sum(1)                                   # NaN compares False
+        n_def[sl] = (~torch.isnan(rb)).sum(1)
+    p = torch.where(torch.isnan(r), torch.full_like(r, float("nan")), (1.0 + ge.to(_F64)) / (1.0 + n_def.to(_F64)))
+    return {"permutation_p": p, "interaction": r, "n_defined": n_def}
+
+
+def c_ratio(c_keys: Float[Tensor, "R k"]) -> Float[Tensor, "R"]:
+    """``min_n |c_n| / max_n |c_n|`` over the keys of S, negated when the c_n differ in sign (some > 0 and
+    some < 0): 1 = equal contributions, 0 = one key carries nothing, < 0 = they pull opposite ways.
+    NaN when every c_n is 0."""
+    c = torch.as_tensor(c_keys).to(_F64)
+    ab = c.abs()
+    mx = ab.max(1).values
+    ratio = torch.where(mx > 0, ab.min(1).values / mx, torch.full_like(mx, float("nan")))
+    mixed = (c > 0).any(1) & (c < 0).any(1)
+    return torch.where(mixed, -ratio, ratio)
+
+
+def value_similarity_out(
+    v_keys: Float[Tensor, "R k d_head"],
+    W_O_h: Float[Tensor, "#R d_head d_model"],
+) -> Float[Tensor, "R"]:
+    """Mean pairwise cosine similarity of the keys' head outputs ``v_j W_O^h`` (d_model; ``W_O^h`` the
+    rows of the output projection that read head h, one per row or one shared). NaN for k < 2 or a
+    zero output vector."""
+    v = torch.as_tensor(v_keys).to(_F64)
+    W = torch.as_tensor(W_O_h).to(device=v.device, dtype=_F64)
+    R, k, _ = v.shape
+    if k < 2:
+        return torch.full((R,), float("nan"), dtype=_F64, device=v.device)
+    o = torch.einsum("rkd,rdm->rkm", v, W.expand(R, -1, -1))
+    norm = o.norm(dim=2, keepdim=True)
+    on = torch.where(norm > 0, o / norm, torch.full_like(o, float("nan")))
+    cos = on @ on.transpose(1, 2)
+    iu = torch.triu_indices(k, k, 1, device=v.device)
+    return cos[:, iu[0], iu[1]].mean(1)
+
+
+def n_contributing(
+    w: Float[Tensor, "R n"],
+    mask: Bool[Tensor, "R n"],
+    *,
+    min_contribution: float = 1.0,
+    select: str = "positive",
+    exclude_bos: bool = False,
+) -> Int[Tensor, "R"]:
+    """Number of keys of each row passing the selection rule: unmasked, ``w_j > min_contribution``
+    (``|w_j|`` under ``select="abs"``), key 0 excluded under ``exclude_bos``."""
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown select mode {select!r}; valid: {', '.join(SELECT_MODES)}.")
+    w = torch.as_tensor(w)
+    ok = torch.as_tensor(mask).bool().clone()
+    if exclude_bos and ok.shape[1] > 0:
+        ok[:, 0] = False
+    key = w if select == "positive" else w.abs()
+    return ((key > min_contribution) & ok).sum(1)
+
+
+def n_clusters(
+    members: Bool[Tensor, "R n"],
+    *,
+    vectors: Optional[Float[Tensor, "R n d"]] = None,
+    similarity: Optional[Float[Tensor, "R n n"]] = None,
+    cluster_similarity: float = 0.8,
+) -> Int[Tensor, "R"]:
+    """Number of connected components among each row's ``members`` (e.g. its contributing keys) when two
+    members are joined if their cosine similarity is at least ``cluster_similarity`` (single linkage).
+
+    Give either ``vectors`` (e.g. the keys' outputs ``v_j W_O^h``; the cosine is computed, a zero vector
+    joins nothing) or a ``similarity`` matrix. Components are found by propagating the smallest member
+    index along the joins until nothing changes (at most n rounds), all rows at once.
+    """
+    if not (-1.0 <= float(cluster_similarity) <= 1.0):
+        raise ValueError(f"cluster_similarity is a cosine and must lie in [-1, 1] (got {cluster_similarity}).")
+    if (vectors is None) == (similarity is None):
+        raise ValueError("give exactly one of vectors= (output vectors) or similarity= (a similarity matrix).")
+    members = torch.as_tensor(members).bool()
+    R, n = members.shape
+    dev = members.device
+    if vectors is not None:
+        v = torch.as_tensor(vectors).to(device=dev, dtype=_F64)
+        norm = v.norm(dim=2, keepdim=True)
+        vn = torch.where(norm > 0, v / norm, torch.full_like(v, float("nan")))
+    else:
+        sim_all = torch.as_tensor(similarity).to(dev)
+    out = torch.zeros(R, dtype=torch.long, device=dev)
+    idx = torch.arange(n, device=dev)
+    big = torch.tensor(n, device=dev)
+    step = max(1, _BUDGET // max(1, n * n))
+    for s in range(0, R, step):
+        sl = slice(s, s + step)
+        m = members[sl]
+        sim = vn[sl] @ vn[sl].transpose(1, 2) if vectors is not None else sim_all[sl]
+        adj = (sim >= cluster_similarity) & m[:, :, None] & m[:, None, :]
+        lab = torch.where(m, idx, big)
+        for _ in range(n):
+            nb = torch.where(adj, lab[:, None, :], big).min(2).values
+            new = torch.where(m, torch.minimum(lab, nb), big)
+            if torch.equal(new, lab):
+                break
+            lab = new
+        out[sl] = (m & (lab == idx)).sum(1)
+    return out
