@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["find_chromium", "dump_dom", "screenshot"]
+__all__ = ["find_chromium", "dump_dom", "screenshot", "element_screenshot"]
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -65,4 +65,29 @@ def screenshot(page: Union[str, Path], png: Union[str, Path], *, width: int = 14
               f"--screenshot={png.resolve()}", _url(page, fragment)], timeout)
     if r.returncode != 0 or not png.is_file():
         raise RuntimeError(f"chromium --screenshot failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+    return png
+
+
+def element_screenshot(page: Union[str, Path], png: Union[str, Path], element_id: str, *, fragment: str = "",
+                       width: int = 1400, timeout_ms: int = 120_000) -> Path:
+    """A PNG of one element of ``page`` (e.g. ``block-groups``: the groups table and its drill-down) after the
+    page is ready and ``fragment`` applied; needs Playwright (``pip install playwright``), driving the local
+    Chromium (no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    exe = find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no Chromium/Chrome found (install one, or set SELFREPAIR_CHROMIUM)")
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            pg = browser.new_page(viewport={"width": int(width), "height": 1000})
+            pg.route("http*://**", lambda route: route.abort())  # offline, whatever the page asks for
+            pg.goto(_url(page, fragment))
+            pg.wait_for_selector("body[data-ready='1']", timeout=timeout_ms)
+            pg.locator(f"#{element_id}").screenshot(path=str(png))
+        finally:
+            browser.close()
     return png
