@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,7 +32,7 @@ from selfrepair.cli import main as cli_main
 from selfrepair.analysis.attention_rows import attention_rows_table, select_groups
 from selfrepair.report import FigureSpec, TableSpec, build_report, register_section, unregister_section
 from selfrepair.report.browser import dump_dom, find_chromium
-from selfrepair.report.page import MAX_TABLE_ROWS, load_run, report_main
+from selfrepair.report.page import MAX_TABLE_ROWS, report_cli, report_main
 
 N_PROMPTS = 32
 CHROMIUM = find_chromium()
@@ -190,6 +189,21 @@ def test_report_main_errors_are_one_line(tmp_path, capsys):
     assert report_main(tmp_path) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no summary.json" in err
+    assert report_cli([str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_run_without_groups_still_reports(tmp_path, run_dir, capsys):
+    rd = tmp_path / "run"
+    shutil.copytree(run_dir, rd)
+    for name in ("attention_row", "attention_rows"):
+        (rd / "tables" / f"{name}.parquet").unlink()
+    pd.read_parquet(rd / "tables" / "groups.parquet").iloc[:0].to_parquet(rd / "tables" / "groups.parquet")
+    assert report_cli([str(rd), "--plotlyjs", "directory"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    html = (rd / "report.html").read_text(encoding="utf-8")
+    assert 'id="fig-self_repair-joint_vs_sum"' not in html and 'id="sec-attention_row"' not in html
+    assert 'id="table-groups"' in html and "stores no attention rows" in html and 'id="sec-head_ranking"' in html
 
 
 # ----------------------------------------------------------------------------- in a real browser

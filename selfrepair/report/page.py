@@ -30,13 +30,12 @@ applied when the page opens.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -49,7 +48,8 @@ from selfrepair import plots
 
 __all__ = [
     "build_report", "report_main", "register_section", "unregister_section", "sections", "Section",
-    "FigureSpec", "TableSpec", "Run", "load_run", "MAX_TABLE_ROWS", "ReportError",
+    "FigureSpec", "TableSpec", "Run", "load_run", "MAX_TABLE_ROWS", "ReportError", "add_report_arguments",
+    "report_cli",
 ]
 
 MAX_TABLE_ROWS = 2000  # rows per table on the page (the full tables are in tables/*.csv)
@@ -570,7 +570,7 @@ def _table_model(spec: TableSpec, run: Run, drill_keys: Optional[set]) -> dict:
     return {"id": spec.name, "title": spec.title, "columns": [{"name": c, "numeric": numeric[c]} for c in cols],
             "rows": rows, "n_total": n, "n_shown": len(shown), "capped": n > len(shown), "hidden": hidden,
             "caption": _safe_caption(spec.caption, run) if spec.caption else None,
-            "drill": key_cols is not None and drill_keys is not None, "drill_key": list(key_cols or ())}
+            "drill": key_cols is not None, "drill_key": list(key_cols or ())}
 
 
 def _safe_caption(fn, run: Run) -> str:
@@ -745,7 +745,6 @@ def build_report(run_dir: Union[str, Path], *, out: Union[str, Path, None] = Non
                 f["json"] = Markup(f["json"])
     text = env.get_template("report.html.j2").render(**ctx)
     plots.atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    build_report.last_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
     return out
 
 
@@ -762,3 +761,25 @@ def report_main(run_dir: Union[str, Path], *, plotlyjs: str = "inline") -> int:
     print(f"wrote {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; open it in a browser "
           "(works offline)")
     return 0
+
+
+REPORT_HELP = "rebuild a run folder's report.html from its tables (offline, no model needed)"
+
+
+def add_report_arguments(parser) -> None:
+    """The ``selfrepair report`` arguments on an argparse parser (a subparser of the main CLI, or its own)."""
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (with summary.json and tables/)")
+    parser.add_argument("--plotlyjs", choices=["inline", "directory"], default="inline",
+                        help="'inline': one self-contained file (about 5 MB of plotly.js); 'directory': "
+                             "plotly.min.js written beside report.html")
+
+
+def report_cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``selfrepair report RUN_DIR [--plotlyjs inline|directory]`` without the main parser; returns the exit
+    status."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="selfrepair report", description=REPORT_HELP)
+    add_report_arguments(ap)
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return report_main(args.run_dir, plotlyjs=args.plotlyjs)
