@@ -278,14 +278,14 @@ _REWORD = {
     "the": "this", "this": "the", "if": "when", "when": "if", "return": "give back", "returns": "gives back",
     "get": "fetch", "use": "employ", "used": "employed", "check": "verify", "make": "build", "number": "count",
     "value": "quantity", "values": "quantities", "first": "initial", "last": "final", "need": "require",
-    "must": "has to", "can": "may", "is": "is", "not": "not", "compute": "calculate", "computed": "calculated",
+    "must": "has to", "can": "may", "compute": "calculate", "computed": "calculated",
     "avoid": "prevent", "should": "ought to", "all": "every", "list": "sequence", "new": "fresh",
     "find": "locate", "small": "little", "large": "big", "big": "large", "fast": "quick", "slow": "sluggish",
     "start": "begin", "end": "finish", "begin": "start", "error": "failure", "because": "since", "since": "because",
     "so": "thus", "also": "too", "only": "just", "just": "only", "see": "cf.", "note": "nb", "add": "append",
     "remove": "drop", "handle": "deal with", "try": "attempt", "set": "assign", "line": "row", "lines": "rows",
     "width": "breadth", "string": "text", "strings": "texts", "case": "situation", "cases": "situations",
-    "we": "we", "don't": "do not", "doesn't": "does not", "can't": "cannot", "it's": "it is",
+    "don't": "do not", "doesn't": "does not", "can't": "cannot", "it's": "it is",
 }
 
 
@@ -440,6 +440,8 @@ class _Unrename(ast.NodeTransformer):
         for f, v in ast.iter_fields(node):
             if isinstance(v, str) and v in self.inverse and f in ("id", "arg", "name", "attr"):
                 setattr(node, f, self.inverse[v])
+            elif f == "names" and isinstance(v, list) and all(isinstance(x, str) for x in v):  # global, nonlocal
+                setattr(node, f, [self.inverse.get(x, x) for x in v])
         return super().generic_visit(node)
 
 
