@@ -6,10 +6,13 @@ metric position) unchanged; the edited text is re-tokenised, so any change of
 tokenisation follows from the edit. Kinds (``EDITS``):
 
 * ``"rename"``: consistent renaming of identifiers; a name is renamed only when
-  it is not a keyword, soft keyword, builtin or dunder, not ``self``/``cls``,
-  never reached as an attribute (``x.name``), never a keyword argument or
-  default-valued parameter (``name=`` inside brackets), not a ``def``/``class``
-  name, not in an import statement, not spelled as a word inside any string of
+  it is bound inside the window and its first occurrence there binds it (an
+  assignment target, ``for``/``as``/walrus target; so free names such as an
+  imported function or a variable from before the window are kept), it is not
+  a keyword, soft keyword, builtin or dunder, not ``self``/``cls``, never reached as an attribute (``x.name``), never a keyword argument or
+  default-valued parameter (``name=`` inside brackets) nor any ``def``
+  parameter, not a ``def``/``class`` name, not in an import, ``global`` or
+  ``nonlocal`` statement, not spelled as a word inside any string of
   the window (f-strings, ``getattr`` names, docstrings) and not in the final
   line; when unsure, the name is skipped. New names come from a fixed pool of
   common identifiers that occur nowhere in the source file (so the map is a
@@ -215,6 +218,51 @@ def _inside(w: _Window, s: int, e: int, upto: Optional[int] = None) -> bool:
     return w.a <= s and e <= (w.q if upto is None else upto)
 
 
+def _binding_occurrences(toks: list, a: int, b: int) -> set:
+    """Indices of NAME tokens wholly in ``[a, b)`` that bind the name (a heuristic on the token stream):
+    plain assignment targets (``x = ...``, ``a, b = ...``; not ``x[i] =``, ``x.y =``, augmented or annotated
+    assignments, and not when the name is also read on the right-hand side), ``for`` targets (loops and
+    comprehensions), ``as`` targets and walrus targets."""
+    NAME, OP = tokenize.NAME, tokenize.OP
+    out = set()
+    # statements: ranges of token indices split at NEWLINE and at depth-0 ';'
+    stmts, s0 = [], 0
+    for j, t in enumerate(toks):
+        if t[0] == tokenize.NEWLINE or (t[0] == OP and t[1] == ";" and t[4] == 0):
+            stmts.append((s0, j))
+            s0 = j + 1
+    stmts.append((s0, len(toks)))
+    inside = lambda t: a <= t[2] and t[3] <= b  # noqa: E731
+    for s, e in stmts:
+        body = [j for j in range(s, e) if toks[j][0] not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT,
+                                                                tokenize.DEDENT)]
+        if not body:
+            continue
+        eq = next((j for j in body if toks[j][0] == OP and toks[j][1] == "=" and toks[j][4] == 0), None)
+        if eq is not None:
+            region = [j for j in body if j < eq]
+            ok = all(toks[j][0] == NAME or (toks[j][0] == OP and toks[j][1] in ",()[]*") for j in region)
+            ok &= not any(toks[j][0] == NAME and toks[j + 1][0] == OP and toks[j + 1][1] in "([" for j in region)
+            ok &= not any(toks[j][0] == NAME and keyword.iskeyword(toks[j][1]) for j in region)
+            if ok:
+                rhs = {toks[j][1] for j in body if j > eq and toks[j][0] == NAME}
+                out |= {j for j in region if toks[j][0] == NAME and toks[j][1] not in rhs and inside(toks[j])}
+        for j in body:
+            t = toks[j]
+            if t[0] == NAME and t[1] == "for":
+                k = j + 1
+                while k < e and not (toks[k][0] == NAME and toks[k][1] == "in" and toks[k][4] == t[4]):
+                    if toks[k][0] == NAME and inside(toks[k]) and toks[k - 1][1] != "." \
+                            and not (k + 1 < e and toks[k + 1][1] in (".", "[", "(")):
+                        out.add(k)
+                    k += 1
+            elif t[0] == NAME and t[1] == "as" and j + 1 < e and toks[j + 1][0] == NAME and inside(toks[j + 1]):
+                out.add(j + 1)
+            elif t[0] == OP and t[1] == ":=" and toks[j - 1][0] == NAME and inside(toks[j - 1]):
+                out.add(j - 1)
+    return out
+
+
 def _rename(w: _Window, rng: random.Random):
     toks = w.pytoks
     in_win = [j for j, t in enumerate(toks) if t[0] == tokenize.NAME and w.a <= t[2] and t[3] <= w.b]
@@ -252,10 +300,24 @@ def _rename(w: _Window, rng: random.Random):
             bad.add(t[1])
         if nxt is not None and nxt[0] == tokenize.OP and nxt[1] in ("=", ":") and t[4] > 0:
             bad.add(t[1])  # keyword argument, default-valued or annotated parameter, dict/slice use: skip
+    # only names bound inside the window, whose first occurrence there binds them (a free name such as an
+    # imported function or a variable from before the window is reached from outside: skipped)
+    binds = _binding_occurrences(toks, w.a, w.b)
+    first = {}
+    for j in in_win:
+        first.setdefault(toks[j][1], j)
+    bad |= {nm for nm, j in first.items() if j not in binds}
+    for j, t in enumerate(toks):
+        if t[0] == tokenize.NAME and t[1] in ("global", "nonlocal"):
+            k = j + 1
+            while k < len(toks) and toks[k][0] in (tokenize.NAME, tokenize.OP) and toks[k][1] != ";" \
+                    and toks[k][0] != tokenize.NEWLINE:
+                bad.add(toks[k][1])
+                k += 1
     ok = sorted(n for n in names - bad if not keyword.iskeyword(n) and not keyword.issoftkeyword(n)
                 and n not in _SKIP_NAMES and not (n.startswith("__") and n.endswith("__")) and n.isidentifier())
     if not ok:
-        return None, "no renamable identifier outside the final line"
+        return None, "no identifier bound inside the window (outside the final line) that renames safely"
     chosen = sorted(rng.sample(ok, rng.randint(1, len(ok))))
     used = set(re.findall(r"[A-Za-z_]\w*", w.source))
     pool = [p for p in _POOL if p not in used and p not in _SKIP_NAMES and not keyword.iskeyword(p)]
