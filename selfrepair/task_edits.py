@@ -9,7 +9,8 @@ tokenisation follows from the edit. Kinds (``EDITS``):
   it is bound inside the window and its first occurrence there binds it (an
   assignment target, ``for``/``as``/walrus target; so free names such as an
   imported function or a variable from before the window are kept), it is not
-  a keyword, soft keyword, builtin or dunder, not ``self``/``cls``, never reached as an attribute (``x.name``), never a keyword argument or
+  a keyword, soft keyword, builtin or dunder, not ``self``/``cls``, never
+  reached as an attribute (``x.name``), never a keyword argument or
   default-valued parameter (``name=`` inside brackets) nor any ``def``
   parameter, not a ``def``/``class`` name, not in an import, ``global`` or
   ``nonlocal`` statement, not spelled as a word inside any string of

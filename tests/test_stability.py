@@ -66,7 +66,8 @@ def test_spearmans_recomputed_from_own_tables(result):
             checked += np.isfinite(want)
         # the shares are the summed counts' ratio
         with np.errstate(invalid="ignore"):
-            np.testing.assert_allclose(h["share_orig"], np.where(h["def_orig"] > 0, h["sr_orig"] / h["def_orig"], np.nan))
+            want = np.where(h["def_orig"] > 0, h["sr_orig"] / h["def_orig"], np.nan)
+            np.testing.assert_allclose(h["share_orig"], want)
     assert checked > 0
     for e, tk in result.tokens.groupby("edit"):
         for m in ("grad", "gim"):
@@ -135,6 +136,8 @@ def test_bad_input(default_model, code_task, stories_model):
 
     with pytest.raises(ValueError, match="valid: rename, comments, blank_lines, spacing"):
         stability(default_model, code_task, edits=("paraphrase",))
+    with pytest.raises(ValueError, match="head_ablation"):
+        stability(default_model, code_task, head_ablation="resample")
     task = selfrepair.tasks.load("induction", stories_model, n=2)
     with pytest.raises(EditError, match="no tokenizer|has none"):
         stability(stories_model, task, edits=("rename",))

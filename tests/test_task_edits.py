@@ -201,3 +201,26 @@ def test_generic_prompt_rename_rules(default_model):
         for d in et.variants["details"]:
             seen |= set(d["mapping"])
     assert seen == {"total", "count_x"}
+
+
+def test_prompt_without_edit_is_reported_not_dropped(default_model):
+    from selfrepair import Task
+
+    tok = default_model.tokenizer
+    one_line = tok.encode("total = alpha + beta", add_special_tokens=False)
+    two_lines = tok.encode("value_a = 1\nvalue_b = value_a + 2\nprint(value_b", add_special_tokens=False)
+    width = max(len(one_line), len(two_lines))
+    tokens = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, s in enumerate((one_line, two_lines)):
+        tokens[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    task = Task(tokens, [one_line[-1], two_lines[-1]], [one_line[0], two_lines[0]], attention_mask=mask)
+    et = edit_task(task, tok, ("rename", "comments"), n_variants=1, seed=0)
+    imp = et.impossible.set_index(["prompt", "edit"])
+    assert imp.loc[(0, "rename"), "made"] == 0 and "line break" in imp.loc[(0, "rename"), "reason"]
+    assert imp.loc[(0, "comments"), "made"] == 0 and "line break" in imp.loc[(0, "comments"), "reason"]
+    assert imp.loc[(1, "comments"), "made"] == 0 and "comment" in imp.loc[(1, "comments"), "reason"]
+    assert imp.loc[(1, "rename"), "made"] == 1
+    assert et.variants["origin"].tolist() == [1]
+    assert et.n_impossible == 3

@@ -173,6 +173,13 @@ def stability(model, task: Task, *, edits: Sequence[str] = tuple(EDITS), n_varia
     from tqdm.auto import tqdm
 
     kinds = _check_edits(edits)
+    if not isinstance(task, Task):
+        raise TypeError(f"stability needs a selfrepair.Task, got {type(task).__name__}; build one with "
+                        "selfrepair.tasks.load(...).")
+    if head_ablation not in ("zero", "mean"):
+        raise ValueError(f"unknown head_ablation {head_ablation!r}; valid: zero, mean.")
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 0:
+        raise ValueError(f"n_boot must be a non-negative int, got {n_boot!r}.")
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     opts = dict(k=k, min_contribution=min_contribution, head_ablation=head_ablation, batch_size=batch_size)
     edited = {kind: edit_task(task, model, kind, n_variants=n_variants, seed=seed) for kind in kinds}
