@@ -141,7 +141,7 @@ def native_bridge():
 
 @pytest.fixture(scope="session")
 def default_model():
-    from selfrepair.loading import DEFAULT_MODEL_DIR
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.skip(f"shipped default model not present at {DEFAULT_MODEL_DIR}")
@@ -161,7 +161,7 @@ def stories_model():
 
 @pytest.fixture(scope="session")
 def sr_tokenizer():
-    from selfrepair.loading import DEFAULT_MODEL_DIR
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
     for d in (DEFAULT_MODEL_DIR, Path("/tmp/sr_tokenizer")):
         if (d / "tokenizer.json").is_file():

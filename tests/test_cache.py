@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from selfrepair.cache import cached_run, expand_kv, key_mask
+from selfrepair.engine.cache import cached_run, expand_kv, key_mask
 from selfrepair.tasks import Task
 
 from conftest import make_gpt2_bridge
@@ -141,7 +141,7 @@ def test_native_keep_nothing_hooks_no_pattern(native_bridge):
     """On a pattern-site backend the pattern is hooked only when kept or needed for the scores:
     keep=() adds no hook_pattern hook and gives the same dm/dz as a run that keeps everything."""
     task = _task()
-    from selfrepair.probe import probe
+    from selfrepair.models.probe import probe
 
     probe(native_bridge)                       # cached: its own hooks are not the ones counted here
     added = []

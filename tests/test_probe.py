@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import selfrepair
-from selfrepair.probe import Backend, ProbeError, _Prober, norm_freeze_hooks
+from selfrepair.analysis.gim import norm_freeze_hooks
+from selfrepair.models.probe import Backend, ProbeError, _Prober
 
 from conftest import make_gpt2_bridge, make_llama_bridge, needs_bridge
 

@@ -46,9 +46,11 @@ from typing import Literal, Optional
 
 import torch
 
-from ._devices import model_device
+from .._devices import model_device
+from .loading import model_kind
+from .norm_freeze import freeze_hooks, straight_through_hooks
 
-__all__ = ["Backend", "probe", "ProbeError", "norm_freeze_hooks"]
+__all__ = ["Backend", "probe", "cached_backend", "resolve_backend", "ProbeError"]
 
 
 class ProbeError(RuntimeError):
@@ -157,6 +159,19 @@ def probe(model, *, refresh: bool = False) -> Backend:
     return backend
 
 
+def cached_backend(model) -> Optional[Backend]:
+    """The Backend ``probe`` already measured for ``model``, or None (never runs a new probe)."""
+    try:
+        return _CACHE.get(model)
+    except TypeError:
+        return None
+
+
+def resolve_backend(model, backend: Optional[Backend] = None) -> Backend:
+    """``backend`` when given, else ``probe(model)`` (cached per model)."""
+    return backend if backend is not None else probe(model)
+
+
 # ============================================================================ implementation
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -166,32 +181,12 @@ def _template(name: str) -> str:
     return _LAYER_RE.sub("blocks.{layer}.", name)
 
 
-def _kind(model) -> str:
-    from .loading import is_bridge, is_hooked_transformer
-
-    if is_hooked_transformer(model):
-        return "tl3"
-    if is_bridge(model):
-        try:
-            from transformers import PreTrainedModel
-
-            if isinstance(getattr(model, "original_model", None), PreTrainedModel):
-                return "bridge-hf"
-        except Exception:
-            pass
-        return "bridge-native"
-    raise TypeError(
-        f"probe supports TransformerBridge (TL 4) and HookedTransformer (TL 3) models, got "
-        f"{type(model).__name__}"
-    )
-
-
 class _Prober:
     T = 8  # tokens in the probe forward
 
     def __init__(self, model):
         self.m = model
-        self.kind = _kind(model)
+        self.kind = model_kind(model)
         cfg = model.cfg
         self.cfg = cfg
         self.n_layers = int(cfg.n_layers)
@@ -579,7 +574,7 @@ class _Prober:
                 self.notes.append(f"detaching {name} does not remove exactly the scale's gradient path")
             # straight-through freeze at hook_normalized (value untouched)
             if self.present(base + ".hook_normalized") and x_name == base + ".hook_in":
-                hooks = _st_hooks(base, kind)
+                hooks = straight_through_hooks(base, kind)
                 g_st, logits = self.grad_at(x_name, extra=hooks)
                 if torch.equal(logits, self.clean) and frozen_ok(g_st):
                     st_ok.append(tpl)
@@ -589,11 +584,11 @@ class _Prober:
         if len(set(types)) > 1:
             self.notes.append(f"mixed norm types {types}; reporting the first")
         # forward with every scale frozen, all layers: exactly the hooks norm_freeze_hooks will install
-        logits = self.forward(_freeze_hooks(verified, self.n_layers, types[0], "detach_scale"))
+        logits = self.forward(freeze_hooks(verified, self.n_layers, types[0], "detach_scale"))
         detach_err = self.rel(logits.detach(), self.clean)
         method = "detach_scale"
         if detach_err > 0 and st_ok and len(st_ok) == len(templates):
-            logits = self.forward(_freeze_hooks(verified, self.n_layers, types[0], "straight_through"))
+            logits = self.forward(freeze_hooks(verified, self.n_layers, types[0], "straight_through"))
             if torch.equal(logits.detach(), self.clean):
                 method = "straight_through"
         if method == "detach_scale" and detach_err > 1e-6:
@@ -691,57 +686,3 @@ class _Prober:
 # ============================================================================ norm freeze
 
 
-def _all_layers(templates, n_layers: int) -> list:
-    out = []
-    for tpl in templates:
-        if "{layer}" in tpl:
-            out.extend(tpl.format(layer=i) for i in range(n_layers))
-        else:
-            out.append(tpl)
-    return out
-
-
-def _st_hooks(base: str, kind: str) -> list:
-    """Straight-through norm freeze for one norm ``base`` (e.g. "blocks.0.ln1").
-
-    Records the input x at ``base.hook_in`` and the scale s at ``base.hook_scale`` (observe only), and
-    returns at ``base.hook_normalized`` ``n.detach() + (x_c - x_c.detach()) / s.detach()``: the same value
-    bit for bit (the added term is exactly 0), with the gradient of ``x_c / s`` for constant s.
-    """
-    box = {}
-
-    def grab_x(x, hook):
-        box["x"] = x
-
-    def grab_s(s, hook):
-        box["s"] = s
-
-    def replace(n, hook):
-        x, s = box.pop("x"), box.pop("s")
-        x = x.to(n.dtype) if x.dtype != n.dtype and n.dtype in (torch.float32, torch.float64) else x
-        xc = x - x.mean(-1, keepdim=True) if kind == "LN" else x
-        live = (xc - xc.detach()) / s.detach().to(xc.dtype)
-        return n.detach() + live.to(n.dtype)
-
-    return [(base + ".hook_in", grab_x), (base + ".hook_scale", grab_s), (base + ".hook_normalized", replace)]
-
-
-def norm_freeze_hooks(model, backend: Optional[Backend] = None) -> list:
-    """Forward hooks that treat every LN/RMS scale as a constant in the backward pass (GIM rule 2).
-
-    The forward is unchanged: bit-identical where the probe verified it
-    (``backend.norm_freeze_method == "straight_through"``, or a detach the backend
-    applies without recomputing), else within ``backend.norm_detach_rel_err``.
-    Use as ``with model.hooks(fwd_hooks=norm_freeze_hooks(model)): ...``.
-    """
-    b = backend or probe(model)
-    return _freeze_hooks(b.norm_scale_hooks, b.n_layers, b.norm_type, b.norm_freeze_method)
-
-
-def _freeze_hooks(scale_templates, n_layers: int, norm_type: str, method: str) -> list:
-    """The norm-freeze hooks for ``method`` on every layer of the given ``hook_scale`` templates
-    (the probe checks exactly these before choosing a method)."""
-    if method == "straight_through":
-        bases = [t[: -len(".hook_scale")] for t in scale_templates]
-        return [h for base in _all_layers(bases, n_layers) for h in _st_hooks(base, norm_type)]
-    return [(n, lambda t, hook: t.detach()) for n in _all_layers(scale_templates, n_layers)]

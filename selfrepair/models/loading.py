@@ -24,6 +24,7 @@ else CPU); without ``dtype`` they are float32 (a checkpoint keeps its saved dtyp
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
@@ -34,9 +35,12 @@ from urllib.parse import urlparse
 
 import torch
 
-__all__ = ["load_model", "DEFAULT_MODEL_DIR", "ModelLoadError", "is_bridge", "is_hooked_transformer"]
+from .llama2c import llama2c_to_hf
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "data" / "default_model"
+__all__ = ["load_model", "DEFAULT_MODEL_DIR", "ModelLoadError", "is_bridge", "is_hooked_transformer",
+           "model_kind"]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "default_model"
 
 #: seconds to wait for the Hub host before declaring it unreachable
 HUB_CONNECT_TIMEOUT = 3.0
@@ -214,8 +218,6 @@ def _hooked_from_hf(hf_model, tokenizer, device, dtype, name):
 
 
 def _from_config(config, device, dtype):
-    import copy
-
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(config)
@@ -295,7 +297,6 @@ def _load_path_or_name(spec, device, dtype):
         return _load_dir(p, device, dtype)
     if p.is_file():
         if p.suffix == ".bin":
-            from .llama2c import llama2c_to_hf
 
             hf_model = llama2c_to_hf(p)
             return _bridge_from_hf(
@@ -395,3 +396,21 @@ def _load_hub(name: str, device, dtype):
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(_offline_message(name, f"{type(e).__name__}: {first}")) from None
+
+
+def model_kind(model) -> str:
+    if is_hooked_transformer(model):
+        return "tl3"
+    if is_bridge(model):
+        try:
+            from transformers import PreTrainedModel  # heavy; absent under TL 3-only installs
+
+            if isinstance(getattr(model, "original_model", None), PreTrainedModel):
+                return "bridge-hf"
+        except Exception:
+            pass
+        return "bridge-native"
+    raise TypeError(
+        f"probe supports TransformerBridge (TL 4) and HookedTransformer (TL 3) models, got "
+        f"{type(model).__name__}"
+    )

@@ -32,9 +32,10 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ._typing import Bool, Float, Int, Tensor
-from .tasks import Task
-from ._devices import model_device as _model_device, model_dtype as _model_float_dtype
+from .._devices import model_device as _model_device, model_dtype as _model_float_dtype
+from .._typing import Bool, Float, Int, Tensor
+from ..models.probe import resolve_backend
+from ..tasks import Task
 
 
 @dataclass
@@ -98,13 +99,6 @@ def _smallest_positive(dtype: torch.dtype) -> float:
     return float(torch.nextafter(z, torch.ones((), dtype=dtype)))
 
 
-def _get_backend(model, backend):
-    if backend is not None:
-        return backend
-    from .probe import probe  # lazy: the probe module is optional at import time
-    return probe(model)
-
-
 def check_backend(backend) -> None:
     """Raise unless ``backend`` offers a live site for score ablations and a live ``hook_z``."""
     site = getattr(backend, "score_site", None)
@@ -119,8 +113,6 @@ def check_backend(backend) -> None:
             "live (edits there do not move the output); the analysis cannot read exact scores.")
     if not backend.pattern_hook or not backend.z_hook or not backend.v_hook:
         raise RuntimeError("the backend has no hook_pattern / hook_z / hook_v site; cannot analyse attention.")
-
-
 
 
 def cached_run(
@@ -142,7 +134,7 @@ def cached_run(
     restricts what is stored (``"scores"``, ``"pattern"``, ``"values"``,
     ``"z"``) to save memory; ``grad_z`` is kept whenever ``backward``.
     """
-    backend = _get_backend(model, backend)
+    backend = resolve_backend(model, backend)
     check_backend(backend)
     n_layers, n_heads = backend.n_layers, backend.n_heads
     layers = tuple(range(n_layers)) if layers is None else tuple(int(l) for l in layers)

@@ -56,9 +56,11 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from ._devices import analysis_dtype as _out_dtype
+from .._devices import analysis_dtype as _out_dtype
+from ..models.norm_freeze import freeze_hooks
+from ..models.probe import Backend, probe
 
-__all__ = ["gim", "GIMHookError", "tsg_scores_grad", "tsg_pattern_grad"]
+__all__ = ["gim", "GIMHookError", "tsg_scores_grad", "tsg_pattern_grad", "norm_freeze_hooks"]
 
 
 class GIMHookError(RuntimeError):
@@ -387,7 +389,6 @@ def _freeze_norm(hooks: _HookSet, model, backend) -> Iterator[None]:
     """The probe's norm-freeze hooks: ``hook_scale.detach()``, or where the backend would then
     rebuild the norm output (HF Llama bridges) a straight-through edit at ``hook_normalized``
     that keeps the forward bit-identical (``probe.norm_freeze_hooks``)."""
-    from .probe import norm_freeze_hooks
 
     if not tuple(backend.norm_scale_hooks or ()):
         raise GIMHookError("gim: freeze_norm=True but the backend lists no norm scale hooks (hook_scale); "
@@ -457,7 +458,6 @@ def gim(
     scales = {k: _check_scale(k, v) for k, v in
               dict(q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale).items()}
     if backend is None:
-        from .probe import probe
 
         backend = probe(model)
     # gated if the probe measured two branches OR the model's config says so (the probe may miss them)
@@ -486,3 +486,15 @@ def gim(
                     stack.enter_context(_scale_site(hooks, backend, comp, template, scales[comp]))
         yield
         hooks.check()
+
+
+def norm_freeze_hooks(model, backend: Optional[Backend] = None) -> list:
+    """Forward hooks that treat every LN/RMS scale as a constant in the backward pass (GIM rule 2).
+
+    The forward is unchanged: bit-identical where the probe verified it
+    (``backend.norm_freeze_method == "straight_through"``, or a detach the backend
+    applies without recomputing), else within ``backend.norm_detach_rel_err``.
+    Use as ``with model.hooks(fwd_hooks=norm_freeze_hooks(model)): ...``.
+    """
+    b = backend or probe(model)
+    return freeze_hooks(b.norm_scale_hooks, b.n_layers, b.norm_type, b.norm_freeze_method)

@@ -1,0 +1,5 @@
+"""Report: figures drawn from tables (``figures``; never runs a model)."""
+
+from . import figures
+
+__all__ = ["figures"]
