@@ -64,7 +64,7 @@ class ModelLoadError(RuntimeError):
 def is_bridge(model: Any) -> bool:
     """True for a TL 4 ``TransformerBridge`` (without importing TL 4-only symbols eagerly)."""
     try:
-        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge import TransformerBridge  # optional: TransformerLens differs between 3.x and 4.x
     except Exception:  # TL 3.x without the bridge
         return False
     return isinstance(model, TransformerBridge)
@@ -136,7 +136,7 @@ def _default_device() -> str:
 
 def _is_hf_config(x) -> bool:
     try:
-        from transformers import PretrainedConfig
+        from transformers import PretrainedConfig  # heavy: only where a Hugging Face model is built
     except Exception:
         return False
     return isinstance(x, PretrainedConfig)
@@ -144,7 +144,7 @@ def _is_hf_config(x) -> bool:
 
 def _is_hf_model(x) -> bool:
     try:
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # heavy: only where a Hugging Face model is built
     except Exception:
         return False
     return isinstance(x, PreTrainedModel)
@@ -167,8 +167,8 @@ def _bridge_from_hf(hf_model, *, tokenizer, device, dtype, name: Optional[str] =
     hf_model.eval()
     if not _has_bridge():
         return _hooked_from_hf(hf_model, tokenizer, device, dtype, name)
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-    from transformer_lens.utilities.attn_implementation import force_eager_attention
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module  # optional: TransformerLens differs between 3.x and 4.x
+    from transformer_lens.utilities.attn_implementation import force_eager_attention  # optional: TransformerLens differs between 3.x and 4.x
 
     # Eager attention makes hook_attn_scores / hook_pattern fire (sdpa never materialises them).
     force_eager_attention(hf_model)
@@ -202,7 +202,7 @@ def _has_bridge() -> bool:
 def _hooked_from_hf(hf_model, tokenizer, device, dtype, name):
     """TL 3.x fallback: convert an HF model into a HookedTransformer."""
     try:
-        from transformer_lens import HookedTransformer
+        from transformer_lens import HookedTransformer  # optional: TransformerLens differs between 3.x and 4.x
     except Exception as e:
         raise ModelLoadError(
             "this TransformerLens has neither TransformerBridge nor HookedTransformer"
@@ -218,7 +218,7 @@ def _hooked_from_hf(hf_model, tokenizer, device, dtype, name):
 
 
 def _from_config(config, device, dtype):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: only where a Hugging Face model is built
 
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"
@@ -235,7 +235,7 @@ def _from_config(config, device, dtype):
 def _quiet_progress():
     """No "Loading weights" bar for a checkpoint that loads in a second; restores the user's setting."""
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # heavy: only where a Hugging Face model is built
     except Exception:
         yield
         return
@@ -253,7 +253,7 @@ def _has_tokenizer(d: Path) -> bool:
 
 
 def _load_dir(d: Path, device, dtype, name: Optional[str] = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only where a Hugging Face model is built
 
     if not (d / "config.json").is_file():
         raise ModelLoadError(
@@ -345,7 +345,7 @@ def _hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT) -> bool:
 
 def _cached_snapshot(name: str) -> Optional[Path]:
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional: only when checking the local Hugging Face cache
     except Exception:
         return None
     try:
@@ -376,7 +376,7 @@ def _load_hub(name: str, device, dtype):
     if not _hub_reachable():
         raise ModelLoadError(_offline_message(name, "the Hub is unreachable and it is not in the local cache"))
     if not _has_bridge():
-        from transformer_lens import HookedTransformer
+        from transformer_lens import HookedTransformer  # optional: TransformerLens differs between 3.x and 4.x
 
         kwargs = {}
         if device is not None:
@@ -384,7 +384,7 @@ def _load_hub(name: str, device, dtype):
         if dtype is not None:
             kwargs["dtype"] = dtype
         return HookedTransformer.from_pretrained(name, **kwargs)
-    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge import TransformerBridge  # optional: TransformerLens differs between 3.x and 4.x
 
     kwargs = {}
     if device is not None:

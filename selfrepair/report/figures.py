@@ -37,12 +37,15 @@ The figures:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from .._io import atomic_write
@@ -62,6 +65,7 @@ __all__ = [
     "save_figure",
     "save_figures",
     "FigureExportError",
+    "png_size",
     "atomic_write",
 ]
 
@@ -509,12 +513,17 @@ def plot_attention_row(data, model=None, task=None, row=None, *, units: str = "l
     metric (local, and global when measured), so the reader sees the softmax
     hand the weight of an ablated key to the others and the joint ablation
     cost more than the individual ones added up. ``data``: the table of
-    :func:`attention_row_data`, or a result (then ``model`` and ``task`` are
-    needed to recompute the row).
+    :func:`selfrepair.analysis.attention_row_data` (figures draw tables; they
+    never run a model). Passing a result with ``model`` and ``task`` still
+    works for one release, with a DeprecationWarning.
     """
     if not (isinstance(data, pd.DataFrame) and "condition" in data.columns):
         if model is None or task is None:
-            raise ValueError("plot_attention_row needs the attention_row_data table, or a result with model= and task=")
+            raise ValueError("plot_attention_row needs the table of selfrepair.analysis.attention_row_data(model, "
+                             "task, result); build it first and pass it as data")
+        warnings.warn("plot_attention_row(result, model, task) is deprecated and will be removed in the next release: "
+                      "pass selfrepair.analysis.attention_row_data(model, task, result, row) instead.",
+                      DeprecationWarning, stacklevel=2)
         data = attention_row_data(model, task, data, row)
     conds = data.drop_duplicates("order").sort_values("order")
     nrow = len(conds)
@@ -612,24 +621,20 @@ def _html(fig: go.Figure, path: Path, include_plotlyjs):
     if include_plotlyjs == "directory":
         js = path.parent / "plotly.min.js"
         if not js.exists():
-            from plotly.offline import get_plotlyjs
-
             _atomic_write_text(js, get_plotlyjs())
     _atomic_write_text(path, fig.to_html(include_plotlyjs=include_plotlyjs, full_html=True))
 
 
-def _png_sizes(fig: go.Figure) -> tuple[int, int]:
+def png_size(fig: go.Figure) -> tuple[int, int]:
     return int(fig.layout.width or DEFAULT_SIZE[0]), int(fig.layout.height or DEFAULT_SIZE[1])
 
 
 def _write_pngs(figs: Sequence[go.Figure], paths: Sequence[Path], scale: float):
-    import plotly.io as pio
-
     tmps = [p.with_name(f".{p.name}.tmp.png") for p in paths]
     try:
         try:
             pio.write_images(list(figs), [str(t) for t in tmps], format="png", scale=scale,
-                             width=[_png_sizes(f)[0] for f in figs], height=[_png_sizes(f)[1] for f in figs])
+                             width=[png_size(f)[0] for f in figs], height=[png_size(f)[1] for f in figs])
         except Exception as e:  # kaleido raises its own ChromeNotFoundError etc.
             name = type(e).__name__
             if "Chrome" in name or "chrome" in str(e).lower() or "browser" in str(e).lower():

@@ -373,7 +373,7 @@ def settings_from_args(args) -> dict:
 
 def _load_model(spec, device):
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # heavy: only where a Hugging Face model is built
 
         hf_logging.disable_progress_bar()  # the weights-loading bar; errors must stay one line
     except Exception:  # pragma: no cover
@@ -550,8 +550,8 @@ def cmd_notebooks(args) -> int:
 
 def execute_notebook(src: Path, dst: Path, *, timeout: int = 600, cwd: Optional[Path] = None) -> None:
     """Execute notebook ``src`` end to end (working directory ``cwd``, default its folder) and save it to ``dst``."""
-    import nbformat
-    from nbclient import NotebookClient
+    import nbformat  # optional: only for notebooks (test extra)
+    from nbclient import NotebookClient  # optional: only for notebooks (test extra)
 
     nb = nbformat.read(src, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",

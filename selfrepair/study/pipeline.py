@@ -318,7 +318,7 @@ def figure_index(figs: dict, fig_dir: Path, *, png: bool) -> dict:
     """What summary.json says about each figure: what it shows, its files and the PNG's pixel size."""
     out = {}
     for name, fig in figs.items():
-        w, h = plots._png_sizes(fig)
+        w, h = plots.png_size(fig)
         out[name] = {"shows": FIGURES.get(name, name), "html": f"figures/{name}.html",
                      "png": f"figures/{name}.png" if png else None, "png_size": [w, h] if png else None}
     return out
