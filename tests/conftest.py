@@ -19,8 +19,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import torch
+
+# Shapes in annotations are checked at run time in the whole suite: every function and dataclass of the
+# package is wrapped by jaxtyping + beartype (tests/shape_check.py: the array annotations) as it is imported,
+# so this must run before selfrepair is imported.
+_JAXTYPING_HOOK = jaxtyping.install_import_hook("selfrepair", "shape_check.shapes_only")
 
 # Small models: one thread is fastest and avoids oversubscription when other jobs share the cores.
 torch.set_num_threads(1)

@@ -177,18 +177,18 @@ def row_effects(
 
 
 def local_effects(
-    scores: Float[Tensor, "R n"],
-    values: Float[Tensor, "R n d_head"],
-    grad: Float[Tensor, "R d_head"],
-    mask: Bool[Tensor, "R n"],
-    keys: Int[Tensor, "R k"],
+    scores: Float[Tensor, "*R n"],
+    values: Float[Tensor, "*R n d_head"],
+    grad: Float[Tensor, "*R d_head"],
+    mask: Bool[Tensor, "*R n"],
+    keys: Int[Tensor, "*R k"],
     *,
     ablation: str = "mean",
     value_ablation: str = "zero",
     exclude_bos: bool = False,
     temperature: float = 2.0,
 ) -> Dict[str, Tensor]:
-    """Closed-form local effects for hand-built rows (one head, one query each), float64.
+    """Closed-form local effects for hand-built rows (one head, one query each; one row without the R axis), float64.
 
     ``scores`` a (masked entries may hold anything), ``values`` v_j, ``grad`` g = dm/dz_i,
     ``mask`` unmasked keys, ``keys`` the group S per row (its order is kept). Returns
