@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .._devices import model_device as _model_device
-from .._typing import Float, Tensor
+from .._typing import Tensor
+from .._deprecation import renamed_keyword
 from ..engine.cache import cached_run
 from ..engine.edits import measure_z_edits, prepare_clean, replace_z
 from ..models.probe import resolve_backend
@@ -38,6 +39,7 @@ from ..tasks import Task
 from ..tasks.tokens import token_text
 from .common import baseline_token, calc_dtype, check_method, check_task, forward_logits
 from .gim import gim
+from .records import HeadAttributions, TokenAttributions
 
 __all__ = ["explain", "head_attributions", "token_attribution_table", "HEAD_ABLATIONS"]
 
@@ -73,14 +75,16 @@ def explain(
     batch_size: Optional[int] = None,
     progress: bool = False,
     **gim_options,
-) -> Float[Tensor, "batch pos"]:
-    """Token attributions ``(dm/de) . (e - e_baseline)`` per prompt and position (SPEC, "Attributions").
+) -> TokenAttributions:
+    """Token attributions ``(dm/de) . (e - e_baseline)`` per prompt and position (docs/quantities.md, "Attributions").
 
     ``e`` is the token embedding (``hook_embed``: no positional embedding);
     ``method="grad"`` uses plain autograd, ``"gim"`` the gradient inside
     ``gim(model, **gim_options)``. ``baseline_id`` defaults to
-    ``default_baseline_id(model)``. Padding positions are 0. Returned on the
-    CPU in float32 (float64 for float64 models).
+    ``default_baseline_id(model)``. Padding positions are 0. Returns a
+    :class:`TokenAttributions`: the ``[batch, pos]`` tensor (on the CPU, float32;
+    float64 for float64 models) with ``settings``, ``to_frame()``, ``save`` / ``load``.
+    ``batch_size``: prompts per forward.
     """
     check_task(task)
     check_method(method, gim_options)
@@ -107,7 +111,8 @@ def explain(
         att = ((e - e_base) * grad).sum(-1) * sub.attention_mask.to(e.device, cd)
         n = att.shape[1]
         out[start:start + len(sub), :n] = att.cpu()
-    return out
+    settings = dict(method=method, baseline_id=base, batch_size=batch_size, gim_options=dict(gim_options))
+    return TokenAttributions(out, settings)
 
 
 # ----------------------------------------------------------------------------- faithfulness
@@ -197,22 +202,25 @@ def head_attributions(
     model,
     task: Task,
     *,
-    ablation: str = "mean",
+    head_ablation: str = "mean",
     per_prompt: bool = False,
     frozen_qk: bool = True,
     batch_size: Optional[int] = None,
     progress: bool = False,
     backend=None,
     **gim_options,
-) -> pd.DataFrame:
+) -> HeadAttributions:
     """Attribution patching per head vs the measured effect of ablating it at all positions.
 
     Per prompt, layer and head: ``grad_estimate = sum_pos dm/dz . (z - z_ablated)``
     (plain autograd), ``gim_estimate`` (the same with dm/dz from
     ``gim(model, **gim_options)``), and ``measured = m(clean) - m(z -> z_ablated
     at every position)`` (batched forwards, ``ablation.measure_z_edits``).
-    ``ablation``: ``"mean"`` (z's mean over the task's prompts at the same
-    position; over all real positions when prompts differ in length) or ``"zero"``.
+    ``head_ablation``: ``"mean"`` (z's mean over the task's prompts at the same
+    position; over all real positions when prompts differ in length) or ``"zero"``
+    (the old keyword ``ablation=`` still works, with a DeprecationWarning).
+    ``batch_size``: prompts per forward (the measured ablations batch their
+    edits by memory, as ``measure_z_edits`` does).
 
     With ``frozen_qk`` also ``measured_frozen_qk``: the same ablation with every
     later layer's attention pattern frozen to its clean value, so the head acts
@@ -225,7 +233,10 @@ def head_attributions(
     ``|value|`` (1 = largest) of ``measured``, ``grad_estimate`` and
     ``gim_estimate``, plus ``grad_ratio`` / ``gim_ratio`` (estimate / measured);
     ``per_prompt=True`` returns one row per (prompt, layer, head) instead, without ranks.
+    The table is a :class:`HeadAttributions` (a DataFrame with ``settings``, ``save`` / ``load``).
     """
+    ablation = renamed_keyword({k: gim_options.pop(k) for k in ("ablation",) if k in gim_options}, "ablation",
+                               "head_ablation", head_ablation, "head_attributions", default="mean")
 
     check_task(task)
     if ablation not in HEAD_ABLATIONS:
@@ -259,7 +270,7 @@ def head_attributions(
     # the ablated value at real positions, the clean one (delta 0) at padding
     value = torch.where(real[prompt_i][:, :, None], zas[layer_i, prompt_i, :, head_i], zs[layer_i, prompt_i, :, head_i])
     edits = replace_z(clean, prompt_i, layer_i, head_i, torch.zeros_like(prompt_i), value.to(clean.z[0].dtype))
-    measured = measure_z_edits(model, task, edits, batch_size=batch_size, progress=progress, clean=clean)
+    measured = measure_z_edits(model, task, edits, progress=progress, clean=clean)
     measured = measured.double().view(B, L, H)
 
     df = pd.DataFrame(dict(prompt=prompt_i.numpy(), layer=layer_i.numpy(), head=head_i.numpy(),
@@ -269,8 +280,10 @@ def head_attributions(
         frozen = _frozen_qk_effects(model, task, backend, z_abl, batch_size, progress)
         df["measured_frozen_qk"] = frozen.reshape(-1).numpy()
         df["via_qk"] = df["measured"] - df["measured_frozen_qk"]
+    settings = dict(head_ablation=ablation, per_prompt=per_prompt, frozen_qk=frozen_qk, batch_size=batch_size,
+                    gim_options=dict(gim_options))
     if per_prompt:
-        return df
+        return HeadAttributions(df, settings=settings)
     agg = df.drop(columns="prompt").groupby(["layer", "head"], as_index=False).mean()
     agg["n_prompts"] = B
     tiny = agg["measured"].abs() < 1e-12
@@ -281,7 +294,7 @@ def head_attributions(
     agg["gim_ratio"] = (agg["gim_estimate"] / agg["measured"]).where(~tiny)
     for col, rk in (("measured", "rank_measured"), ("grad_estimate", "rank_grad"), ("gim_estimate", "rank_gim")):
         agg[rk] = agg[col].abs().rank(ascending=False, method="min").astype(int)
-    return agg
+    return HeadAttributions(agg, settings=settings)
 
 
 # ----------------------------------------------------------------------------- compare estimates
@@ -296,7 +309,7 @@ def token_attribution_table(model, task, attributions: Mapping[str, Any], prompt
     """
     prompts = range(len(task)) if prompts is None else prompts
     rows = []
-    mats = {k: np.asarray(v.detach().float().cpu() if hasattr(v, "detach") else v, dtype=float)
+    mats = {k: np.asarray(v.detach().float().cpu() if hasattr(v, "detach") else v, dtype=float)  # tensors, TokenAttributions
             for k, v in attributions.items()}
     for p in prompts:
         n = int(task.lengths[p])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -16,6 +19,7 @@ from ..tasks import Task
 from .common import check_task
 from .gim import gim
 from .identity import model_hash, task_hash
+from .records import read_frames, write_frames
 from .results import SelfRepairResult
 from .rows import row_effects
 
@@ -39,6 +43,24 @@ class EstimateComparison:
     groups: pd.DataFrame
     report: pd.DataFrame
     notes: list
+    settings: dict = field(default_factory=dict)
+
+    KIND = "estimate_comparison"
+
+    def to_frame(self) -> pd.DataFrame:
+        """The report table (one row per estimate, effect and subset); ``groups`` holds the per-group estimates."""
+        return self.report.copy()
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """One Parquet file with both tables; notes and settings in its footer."""
+        return write_frames(path, {"groups": self.groups, "report": self.report},
+                            {"kind": self.KIND, "settings": self.settings, "notes": list(self.notes)})
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "EstimateComparison":
+        """The comparison ``save`` wrote (equal tables, notes and settings)."""
+        frames, info = read_frames(path, cls.KIND)
+        return cls(frames["groups"], frames["report"], info.get("notes", []), info.get("settings", {}))
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -181,4 +203,5 @@ def compare_estimates(model, task: Task, result, *, top_frac: float = 0.1, progr
                 m = subsets[sname]
                 recs.append(dict(estimate=est, effect=tname, subset=sname,
                                  **agreement(groups[est].to_numpy()[m], groups[tcol].to_numpy()[m], top_frac=top_frac)))
-    return EstimateComparison(groups=groups, report=pd.DataFrame(recs), notes=notes)
+    settings = dict(top_frac=top_frac, gim_options=dict(gim_options), result_settings=dict(result.settings))
+    return EstimateComparison(groups=groups, report=pd.DataFrame(recs), notes=notes, settings=settings)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .._typing import Tensor
 from ..tasks import Task, bos_id
 from .common import baseline_token, check_task, forward_logits
+from .records import Faithfulness
 
 __all__ = ["faithfulness", "FAITHFULNESS_FRACTIONS", "RANDOM_SEEDS"]
 
@@ -59,8 +60,8 @@ def faithfulness(
     exclude_bos: Optional[bool] = None,
     batch_size: Optional[int] = None,
     progress: bool = False,
-) -> pd.DataFrame:
-    """Comprehensiveness and sufficiency of token rankings (SPEC, "Attributions"; the GIM paper's metrics).
+) -> Faithfulness:
+    """Comprehensiveness and sufficiency of token rankings (docs/quantities.md, "Attributions"; the GIM paper's metrics).
 
     Per prompt, the eligible tokens (real tokens; a BOS at position 0 excluded:
     ``exclude_bos=None`` detects it as ``tokens[:, 0] == bos_id(model)``) are
@@ -75,7 +76,9 @@ def faithfulness(
     random ranking (mean over ``seeds``) is added as ``"random"``. Returns one
     row per method and q (``"10%"``, ...) plus an ``"AOPC"`` row (mean over q):
     means over prompts of the raw values (metric units), of the values divided
-    by ``|m(x)|`` (``*_rel``), ``k_mean`` (mean tokens per prompt) and ``m_clean_mean``.
+    by ``|m(x)|`` (``*_rel``), ``k_mean`` (mean tokens per prompt) and ``m_clean_mean``,
+    as a :class:`Faithfulness` table (a DataFrame with ``settings``, ``save`` / ``load``).
+    ``batch_size``: prompts (token rows) per forward.
     """
     check_task(task)
     if isinstance(attributions, Tensor):
@@ -148,4 +151,6 @@ def faithfulness(
                 ("comprehensiveness", "sufficiency", "comprehensiveness_rel", "sufficiency_rel", "k_mean")}
         recs.append(dict(method=name, q="AOPC", **aopc, m_clean_mean=float(m_clean.mean()), n_prompts=B,
                          n_rankings=per_q[0]["n_rankings"]))
-    return pd.DataFrame(recs)
+    settings = dict(baseline_id=base, fractions=list(fractions), seeds=list(seeds), exclude_bos=exclude_bos,
+                    batch_size=batch_size, methods=list(attributions))
+    return Faithfulness(pd.DataFrame(recs), settings=settings)

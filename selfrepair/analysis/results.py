@@ -153,6 +153,21 @@ class SelfRepairResult:
                 out.append(row)
         return pd.DataFrame(out)
 
+    # ---------------------------------------------------------------- the result convention
+
+    def to_frame(self) -> pd.DataFrame:
+        """The groups table (a copy)."""
+        return self.groups.copy()
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Same as ``to_parquet``."""
+        self.to_parquet(path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "SelfRepairResult":
+        """Same as ``read_parquet``."""
+        return cls.read_parquet(path)
+
     # ---------------------------------------------------------------- persistence
 
     def to_parquet(self, path: Union[str, os.PathLike]) -> None:

@@ -177,7 +177,7 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
                             groups_stage))
     sub = task if not attribution_n or attribution_n >= len(task) else task.subset(slice(0, attribution_n))
     tabs.update(study.stage("head attributions", ["heads"], lambda: {
-        "heads": head_attributions(model, sub, ablation=head_ablation, progress=progress)}))
+        "heads": head_attributions(model, sub, head_ablation=head_ablation, progress=progress)}))
 
     def tokens_stage():
         attrs = {m: explain(model, sub, method=m, progress=progress) for m in ("grad", "gim")}
