@@ -35,9 +35,9 @@ from .._deprecation import renamed_keyword
 from ..engine.cache import cached_run
 from ..engine.edits import measure_z_edits, prepare_clean, replace_z
 from ..models.probe import resolve_backend
-from ..tasks import Task
+from ..tasks import Task, validate_task
 from ..tasks.tokens import token_text
-from .common import baseline_token, calc_dtype, check_method, check_task, forward_logits
+from .common import baseline_token, calc_dtype, check_method, forward_logits
 from .gim import gim
 from .records import HeadAttributions, TokenAttributions
 
@@ -86,7 +86,7 @@ def explain(
     float64 for float64 models) with ``settings``, ``to_frame()``, ``save`` / ``load``.
     ``batch_size``: prompts per forward.
     """
-    check_task(task)
+    validate_task(task, model)
     check_method(method, gim_options)
     base = baseline_token(model, baseline_id)
     cd = calc_dtype(model)
@@ -238,7 +238,7 @@ def head_attributions(
     ablation = renamed_keyword({k: gim_options.pop(k) for k in ("ablation",) if k in gim_options}, "ablation",
                                "head_ablation", head_ablation, "head_attributions", default="mean")
 
-    check_task(task)
+    validate_task(task, model)
     if ablation not in HEAD_ABLATIONS:
         raise ValueError(f"unknown head ablation {ablation!r}; valid: {', '.join(HEAD_ABLATIONS)}.")
     backend = resolve_backend(model, backend)

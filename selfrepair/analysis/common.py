@@ -15,9 +15,9 @@ import torch
 
 from .._devices import analysis_dtype, model_device, model_dtype
 from .._typing import Tensor
-from ..tasks import Task, get_tokenizer
+from ..tasks import get_tokenizer
 
-__all__ = ["METHODS", "calc_dtype", "check_task", "check_method", "forward_logits", "default_baseline_id",
+__all__ = ["METHODS", "calc_dtype", "check_method", "forward_logits", "default_baseline_id",
            "baseline_token"]
 
 
@@ -27,12 +27,6 @@ METHODS = ("grad", "gim")
 def calc_dtype(model) -> torch.dtype:
     """Analysis arithmetic: float64 for float64 models, float32 otherwise."""
     return analysis_dtype(model_dtype(model))
-
-
-def check_task(task) -> None:
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a selfrepair Task; got {type(task).__name__}. Build one with "
-                        "selfrepair.tasks.load(...) or Task(tokens, answer_ids, wrong_ids).")
 
 
 def check_method(method: str, gim_options: dict) -> None:

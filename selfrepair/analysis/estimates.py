@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 
 from ..engine.cache import cached_run
 from ..models.probe import resolve_backend
-from ..tasks import Task
-from .common import check_task
+from ..tasks import Task, validate_task
 from .gim import gim
 from .identity import model_hash, task_hash
 from .records import read_frames, write_frames
@@ -172,7 +171,7 @@ def compare_estimates(model, task: Task, result, *, top_frac: float = 0.1, progr
     ``notes`` says so; under ``"knockout"`` every estimate is NaN (``n = 0``).
     """
 
-    check_task(task)
+    validate_task(task, model)
     if not isinstance(result, SelfRepairResult):
         raise TypeError(f"result must be a SelfRepairResult from analyze_self_repair; got {type(result).__name__}.")
     meta = result.meta or {}

@@ -11,8 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .._typing import Tensor
-from ..tasks import Task, bos_id
-from .common import baseline_token, check_task, forward_logits
+from ..tasks import Task, bos_id, validate_task
+from .common import baseline_token, forward_logits
 from .records import Faithfulness
 
 __all__ = ["faithfulness", "FAITHFULNESS_FRACTIONS", "RANDOM_SEEDS"]
@@ -80,7 +80,7 @@ def faithfulness(
     as a :class:`Faithfulness` table (a DataFrame with ``settings``, ``save`` / ``load``).
     ``batch_size``: prompts (token rows) per forward.
     """
-    check_task(task)
+    validate_task(task, model)
     if isinstance(attributions, Tensor):
         attributions = {"attribution": attributions}
     if not isinstance(attributions, Mapping) or not attributions:

@@ -70,7 +70,7 @@ from .._typing import Tensor
 from ..engine.cache import cached_run, check_backend
 from ..engine.edits import ZEdits, measure_z_edits
 from ..models.probe import resolve_backend
-from ..tasks import Task
+from ..tasks import Task, validate_task
 from .checkpoint import BatchCheckpoint
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
@@ -95,10 +95,9 @@ def _auto_batch_size(task: Task, n_layers: int, n_heads: int, d_head: int, items
     return int(max(1, min(len(task), 64, (2 ** 28) // max(per_prompt, 1))))
 
 
-def _validate(task, backend, *, k, min_contribution, select, threshold, min_effect, ablation,
+def _validate(model, task, backend, *, k, min_contribution, select, threshold, min_effect, ablation,
               value_ablation, layers, heads, temperature, batch_size, dtype):
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a selfrepair.Task; got {type(task).__name__}.")
+    validate_task(task, model)    # a Task that fits the model: ids in the vocabulary, prompts within the context
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= int(k) <= MAX_K:
         raise ValueError(f"k must be an integer from 2 to {MAX_K} (keys per group); got {k!r}.")
     for nm, v in (("threshold", threshold), ("min_effect", min_effect)):
@@ -133,14 +132,6 @@ def _validate(task, backend, *, k, min_contribution, select, threshold, min_effe
 
     layers = norm_list(layers, L, "layer")
     heads = norm_list(heads, H, "head")
-    if len(task) == 0:
-        raise ValueError("empty task: give at least one prompt.")
-    n = int(task.lengths.max())
-    if n > backend.n_ctx:
-        raise ValueError(f"the task's longest prompt has {n} tokens but the model's context is {backend.n_ctx}; "
-                         "shorten the prompts (or use a model with a longer context).")
-    if int(task.tokens.max()) >= backend.d_vocab or int(task.tokens.min()) < 0:
-        raise ValueError(f"task tokens must lie in [0, {backend.d_vocab}) (the model's vocabulary).")
     return layers, heads
 
 
@@ -177,7 +168,7 @@ def analyze_self_repair(
     """
 
     backend = resolve_backend(model)
-    layers, heads = _validate(task, backend, k=k, min_contribution=min_contribution, select=select,
+    layers, heads = _validate(model, task, backend, k=k, min_contribution=min_contribution, select=select,
                               threshold=threshold, min_effect=min_effect, ablation=ablation,
                               value_ablation=value_ablation, layers=layers, heads=heads, temperature=temperature,
                               batch_size=batch_size, dtype=dtype)

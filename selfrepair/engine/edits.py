@@ -113,7 +113,7 @@ from tqdm.auto import tqdm
 from .._devices import analysis_dtype as _out_dtype, model_device as _model_device, model_dtype as _model_dtype
 from .._typing import Float, Int, Tensor
 from ..models.facts import ModelFacts, model_facts
-from ..tasks import Task
+from ..tasks import Task, validate_task
 from .._deprecation import renamed_keyword
 from .forward import FastMismatch, FastModel, fast_support
 
@@ -236,18 +236,12 @@ class CleanRun:
             raise ValueError("clean= was prepared for a different task (tokens differ); call prepare_clean(model, task).")
 
 
-def _check_task(model, task: Task):
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a selfrepair Task; got {type(task).__name__}.")
-    task.validate(model)   # ids in the vocabulary, prompts and padding within the context
-
-
 def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional[int] = None) -> CleanRun:
     """One clean forward of ``task``, cached for ``measure_z_edits`` (which path: see the module docstring)."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}.")
     dims = model_facts(model)
-    _check_task(model, task)
+    validate_task(task, model)
     kind, reason = fast_support(model, dims)
     if kind is not None and path != "hooks" and _has_user_fwd_hooks(model):
         kind, reason = None, "the model carries forward hooks (the fast path would bypass them)"

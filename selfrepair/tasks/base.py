@@ -155,6 +155,8 @@ class Task:
         Raises ``TaskError`` naming the first offending prompt and what to do.
         """
         d_vocab, n_ctx = model_dims(model)
+        if self.tokens.shape[0] == 0:
+            raise TaskError("empty task: give at least one prompt.")
         for nm, ids in (("answer_ids", self.answer_ids), ("wrong_ids", self.wrong_ids)):
             bad = (ids < 0) | (ids >= d_vocab)
             if bad.any():
@@ -176,6 +178,15 @@ class Task:
             raise TaskError(f"tokens are padded to {self.tokens.shape[1]} positions, more than the model's context "
                             f"(n_ctx={n_ctx}); trim the padding (Task.subset does).")
         return self
+
+
+def validate_task(task, model) -> Task:
+    """THE task check every entry point runs once: ``task`` is a :class:`Task` and fits ``model``
+    (``Task.validate``: ids in the vocabulary, prompts within the context). Returns the task."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a selfrepair Task; got {type(task).__name__}. Build one with "
+                        "selfrepair.tasks.load(...) or Task(tokens, answer_ids, wrong_ids).")
+    return task.validate(model)
 
 
 # ---------------------------------------------------------------------------
