@@ -13,7 +13,7 @@ machine and, on a shared machine, on its load).
 
 1. Global ablations. Workload: on a trained model (the shipped default), the groups
    ``analyze_self_repair`` selects on the code-copy task (k = 2; each group gives its k
-   individual and its joint score ablation, SPEC "mean" ablation); on a model with
+   individual and its joint score ablation, docs/quantities.md "Local effects": mean ablation); on a model with
    random weights (selection finds little there) a fixed, seeded set of ``--n-random``
    (default 1,000) ablations of a key pair at a random (prompt, layer, head, query).
    Baseline: the loop a notebook user writes today, one ``model.run_with_hooks`` per
@@ -354,7 +354,7 @@ def select_workload(model, info, task, *, k: int, min_contribution: float, targe
 
 
 def score_ablation_deltas(run, abl: Ablations, chunk: int = 256) -> torch.Tensor:
-    """``z_i' - z_i = sum_j (p'_j - p_j) v_j`` per ablation (SPEC "mean" score ablation), float64 -> [n, d_head]."""
+    """``z_i' - z_i = sum_j (p'_j - p_j) v_j`` per ablation (docs/quantities.md, "Local effects": mean score ablation), float64 -> [n, d_head]."""
     n = len(abl)
     d = next(iter(run.values.values())).shape[-1]
     dev = run.mask.device
@@ -370,7 +370,7 @@ def score_ablation_deltas(run, abl: Ablations, chunk: int = 256) -> torch.Tensor
             keys = abl.keys[r].to(dev)
             sel = (torch.arange(m.shape[1], device=dev)[None, None, :] == keys[:, :, None]).any(1)  # -1 pads: none
             p = ablated_pattern(a, m, torch.zeros_like(sel))                      # the clean row
-            p2 = ablated_pattern(a, m, sel, ablation="mean")                     # SPEC "mean" score ablation
+            p2 = ablated_pattern(a, m, sel, ablation="mean")                     # docs/quantities.md, "Local effects": mean score ablation
             out[r.to(dev)] = torch.einsum("rn,rnd->rd", p2 - p, v)
     return out
 
@@ -416,7 +416,7 @@ def baseline_effect(model, backend, task, row, m_clean: float) -> float:
         a = stash["a"] if "a" in stash else torch.log(p[0, h, i].detach().double())
         a = a.masked_fill(~keep, float("-inf"))
         a2 = a.clone()
-        a2[ks] = a[keep].mean()                                   # SPEC "mean": mean of the row's unmasked scores
+        a2[ks] = a[keep].mean()                                   # docs/quantities.md, "Local effects", mean: mean of the row's unmasked scores
         p = p.clone()
         p[0, h, i] = torch.softmax(a2, -1).to(p.dtype)
         return p

@@ -191,7 +191,7 @@ def test_score_ablation_as_z_delta_equals_pattern_edit(name, request):
         a = cache[f"blocks.{l}.attn.hook_attn_scores"][p, h, i, :i + 1]
         S = torch.randperm(i + 1, generator=g)[:2]
         a2 = a.clone()
-        a2[S] = a.mean()                                            # SPEC "mean" over unmasked keys 0..i
+        a2[S] = a.mean()                                            # docs/quantities.md "Local effects": mean over unmasked keys 0..i
         p_new = torch.softmax(a2, -1)
         p_old = cache[f"blocks.{l}.attn.hook_pattern"][p, h, i, :i + 1]
         v = cache[f"blocks.{l}.attn.hook_v"][p, :i + 1, h // rep]

@@ -1,4 +1,4 @@
-"""GIM (SPEC "GIM") against independent computations, on HF GPT-2, HF Llama (GQA, rotary,
+"""GIM (docs/quantities.md, "GIM") against independent computations, on HF GPT-2, HF Llama (GQA, rotary,
 RMSNorm, SwiGLU), TL-native bridges and stories260K.
 
 Independent references: the explicit softmax Jacobian ``(diag(s) - s s^T) g`` with

@@ -46,7 +46,7 @@ def _row_scores(model, task, prompt: int, layer: int, head: int, query: int):
 
     :func:`selfrepair.cache.cached_run` reads the backend's live score site, or
     ``log p`` where the backend only exposes the pattern (the scores up to a
-    per-row constant, which mean ablation and knockout both ignore; SPEC).
+    per-row constant, which mean ablation and knockout both ignore; docs/quantities.md, "Local effects").
     """
 
 
@@ -63,7 +63,7 @@ def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Se
     Recomputed in closed form from the row's scores (one forward pass of that
     prompt): ``p = softmax(a)``; mean ablation sets ``a'_j = mean(a_k)`` over
     the row's unmasked keys (key 0 left out when ``exclude_bos``), knockout
-    removes the keys (SPEC). ``row``: a group (Series/dict with prompt, layer,
+    removes the keys (docs/quantities.md, "Individual versus joint"). ``row``: a group (Series/dict with prompt, layer,
     head, query, keys), its index in ``result.groups``, or None for
     :func:`pick_row`. Keys whose weight is below ``min_weight`` in every
     condition are pooled into one "other keys" bar (at most ``max_keys`` keys

@@ -1,4 +1,4 @@
-"""Attributions (SPEC, "Attributions") and how gradient estimates track measured effects.
+"""Attributions (docs/quantities.md, "Attributions") and how gradient estimates track measured effects.
 
 Sign convention everywhere: an effect or estimate is ``m(clean) - m(changed)``,
 positive when the change lowers the metric; a token attribution

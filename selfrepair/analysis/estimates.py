@@ -156,7 +156,7 @@ def compare_estimates(model, task: Task, result, *, top_frac: float = 0.1, progr
     """Add ``gim_estimate`` to a self-repair result and report how the estimates track measured effects.
 
     ``gim_estimate`` is the TSG estimate of each group's joint score ablation
-    (SPEC, "Gradient estimates") with ``g`` from a GIM backward pass
+    (docs/quantities.md, "Gradient estimates") with ``g`` from a GIM backward pass
     (``gim(model, **gim_options)``; its temperature defaults to the result's),
     same groups, keys, ablation and temperature as ``result``.
 

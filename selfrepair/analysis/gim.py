@@ -1,4 +1,4 @@
-"""GIM (SPEC, "GIM"): backward-only gradient modifications through TransformerLens hooks.
+"""GIM (docs/quantities.md, "GIM"): backward-only gradient modifications through TransformerLens hooks.
 
 ``with gim(model): ...`` leaves every forward value unchanged and changes the
 backward pass of anything computed inside the block:
@@ -91,7 +91,7 @@ def tsg_scores_grad(scores: torch.Tensor, grad_pattern: torch.Tensor, temperatur
 def tsg_pattern_grad(pattern: torch.Tensor, grad_pattern: torch.Tensor, temperature: float) -> torch.Tensor:
     """The pattern gradient ``g' = s * (g - <s, g>) / p`` (0 where p = 0), ``s = p^(1/T) / sum p^(1/T)``,
     that the true softmax backward ``p * (g' - <p, g'>)`` maps to the TSG gradient ``s * (g - <s, g>)``
-    (SPEC, "GIM"). Computed in float32 or better; returned in that dtype."""
+    (docs/quantities.md, "GIM"). Computed in float32 or better; returned in that dtype."""
     return _tsg_from_pattern(pattern.detach().clamp_min(0), grad_pattern, float(temperature))
 
 
@@ -396,7 +396,7 @@ def _freeze_norm(hooks: _HookSet, model, backend) -> Iterator[None]:
     err = float(getattr(backend, "norm_detach_rel_err", 0.0) or 0.0)
     if getattr(backend, "norm_freeze_method", "detach_scale") == "detach_scale" and err > 1e-6:
         warnings.warn(f"gim: freezing the norms moves this model's logits by {err:.2g} (relative), more than the "
-                      "1e-6 SPEC allows: the backend rebuilds the norm from the detached scale in other "
+                      "1e-6 docs/quantities.md ('GIM') allows: the backend rebuilds the norm from the detached scale in other "
                       "arithmetic. Gradients are still those of a frozen scale.")
     for name, fn in norm_freeze_hooks(model, backend):
         m = _LAYER.match(name)
@@ -438,7 +438,7 @@ def gim(
     up_scale: Optional[float] = 0.5,
     backend=None,
 ) -> Iterator[None]:
-    """GIM backward pass for everything computed inside the block (module docstring; SPEC "GIM").
+    """GIM backward pass for everything computed inside the block (module docstring; docs/quantities.md, "GIM").
 
     ``temperature``: TSG temperature T (> 0); ``freeze_norm``: detach every norm
     scale; ``q/k/v_scale``: gradient multipliers at ``hook_q/k/v``;

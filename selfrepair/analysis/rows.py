@@ -135,7 +135,7 @@ def row_effects(
     zg = (p_all * torch.where(mask, c, torch.zeros((), dtype=dt, device=dev))).sum(1)   # g . z_i
     out["head_contribution"] = zg
 
-    # gradient estimates of the score ablation (SPEC "Gradient estimates"); NaN under knockout
+    # gradient estimates of the score ablation (docs/quantities.md, "Gradient estimates"); NaN under knockout
     if ablation == "mean":
         da = abar[:, None] - aK                                           # a'_j - a_j
         dmda = pK * (cK - zg[:, None])
@@ -262,7 +262,7 @@ def interaction_ratio(
     contributions: Float[Tensor, "R k"],
     min_effect: float = 1e-4,
 ) -> tuple:
-    """SPEC ratio ``r = (E_S - sum_n E_n) / E_S`` (NaN when ``|E_S| < max(min_effect, 0.01 sum |w_j|)``) and
+    """The ratio (docs/quantities.md, "Individual versus joint") ``r = (E_S - sum_n E_n) / E_S`` (NaN when ``|E_S| < max(min_effect, 0.01 sum |w_j|)``) and
     ``interaction_sym = (E_S - sum_n E_n) / (|E_S| + sum_n |E_n|)`` (NaN only for a zero denominator)."""
     esum = effects.sum(1)
     floor = torch.clamp(0.01 * contributions.abs().sum(1), min=min_effect)

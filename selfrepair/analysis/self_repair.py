@@ -1,7 +1,7 @@
 """Softmax-redistribution self-repair: individual versus joint ablations of attention keys.
 
-SPEC sections "Local effects", "Individual versus joint", "Global effects" and
-"Gradient estimates". For a head (l, h), a query i and the k keys S of largest
+docs/quantities.md, sections "Local effects", "Individual versus joint", "Global effects"
+and "Gradient estimates". For a head (l, h), a query i and the k keys S of largest
 contribution ``w_j = p_j c_j`` (``c_j = g . v_j``, ``g = dm/dz_i``):
 
 - local effect of a changed pattern row: ``E(p') = sum_j (p_j - p'_j) c_j``
@@ -38,7 +38,7 @@ per key of S, largest contribution first):
   ``global_effect_sum``, ``global_interaction`` (same NaN floor as r, with the same ``w``),
   ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)``.
 
-Decisions where SPEC is silent (documented, tested):
+Decisions where the definitions (docs/quantities.md) are silent (documented, tested):
 - queries analysed: every real position ``i <= `` the prompt's metric position
   (later positions cannot influence ``m``; their ``g`` is exactly 0);
 - ``exclude_bos=True`` drops key 0 from selection, from the score mean and from
@@ -157,7 +157,7 @@ def analyze_self_repair(
     dtype: torch.dtype = torch.float32,
 ) -> SelfRepairResult:
     """Individual versus joint ablations of the k keys of largest contribution, for every row
-    ``(prompt, layer, head, query)`` with at least k keys above ``min_contribution`` (SPEC).
+    ``(prompt, layer, head, query)`` with at least k keys above ``min_contribution`` (docs/quantities.md, "Individual versus joint").
 
     Local effects in closed form from one cached forward + backward per batch of
     ``batch_size`` prompts; global effects (``global_effects=True``) from batched real

@@ -1,6 +1,6 @@
 """One cached run: a forward pass (and one backward pass of ``sum_prompts m``) per batch.
 
-Everything the closed-form self-repair analysis needs (SPEC, Notation), per
+Everything the closed-form self-repair analysis needs (docs/quantities.md, "Notation"), per
 requested layer ``l``:
 
 - ``scores[l]``  ``a``  [batch, head, q, k]: the pre-softmax scores from the live

@@ -2,7 +2,7 @@
 
 Every ablation the toolkit measures globally acts on ONE head's output
 ``z = hook_z[batch, pos, n_heads, d_head]`` of one prompt, from some position on
-(SPEC, Global effects):
+(docs/quantities.md, "Global effects"):
 
 * a score ablation of keys S at ``(layer l, head h, query i)`` changes only row i
   of that head's pattern, so ``z_i' = z_i + sum_j (p'_j - p_j) v_j`` and nothing
@@ -11,7 +11,7 @@ Every ablation the toolkit measures globally acts on ONE head's output
 * a whole-head ablation replaces ``z`` at every position (``replace_z``).
 
 So the engine measures batches of "z edits" and returns, per edit,
-``m(clean) - m(edited)`` (SPEC sign: positive = the edit lowers the metric).
+``m(clean) - m(edited)`` (docs/quantities.md sign: positive = the edit lowers the metric).
 
 API
 ---

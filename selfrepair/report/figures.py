@@ -7,7 +7,7 @@ DataFrame, or another table of the study) and return a
 HTML and as PNG (through kaleido 1.x, which drives a local Chrome/Chromium;
 no network needed).
 
-Sign convention (SPEC): every effect is ``m(clean) - m(ablated)`` in metric
+Sign convention (docs/quantities.md, "Notation"): every effect is ``m(clean) - m(ablated)`` in metric
 units (logit difference by default), so a positive effect means the ablation
 lowers the metric. A group self-repairs when its interaction ratio
 ``r = (E_S - sum_n E_n) / E_S`` exceeds the threshold (0.1 by default).
@@ -178,7 +178,7 @@ def _seq_sum(col: pd.Series) -> np.ndarray:
 
 
 def _repairs(r: np.ndarray, t: float) -> np.ndarray:
-    """``self_repair`` at the plotted threshold: ``r > t`` where r is defined (SPEC)."""
+    """``self_repair`` at the plotted threshold: ``r > t`` where r is defined (docs/quantities.md, "Individual versus joint")."""
     return np.isfinite(r) & (r > t)
 
 

@@ -67,7 +67,7 @@ CLI_DEFAULTS = {"global_effects": True}  # the study compares local with global 
 #: flag spellings that differ from ``--<name>``
 CLI_FLAGS = {"global_effects": ["--global", "--global-effects"]}
 
-#: help text per analyze_self_repair argument (SPEC's wording)
+#: help text per analyze_self_repair argument (the wording of docs/quantities.md)
 ANALYSIS_HELP = {
     "k": "number of keys per group (the top-k contributors of a row), 2 to 8",
     "min_contribution": "a row is analysed when at least k keys have contribution w_j = p_j (g . v_j) above this "

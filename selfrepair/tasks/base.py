@@ -1,7 +1,7 @@
 """Tasks: token batches with an answer, a wrong token and a metric position per prompt.
 
-``Task`` is the one object every analysis takes. The metric ``m`` (SPEC,
-Notation) is evaluated on the logits at ``positions`` only:
+``Task`` is the one object every analysis takes. The metric ``m`` (docs/quantities.md,
+"Notation") is evaluated on the logits at ``positions`` only:
 ``"logit_diff"`` = logit[answer] - logit[wrong] (default), ``"logprob"`` =
 log-softmax of the answer, or a callable
 ``fn(logits: Float[Tensor, "batch vocab"], answer_ids, wrong_ids) -> Float[Tensor, "batch"]``.
