@@ -73,7 +73,7 @@ def explain(
     method: str = "grad",
     baseline_id: Optional[int] = None,
     batch_size: Optional[int] = None,
-    progress: bool = False,
+    progress: bool = True,
     **gim_options,
 ) -> TokenAttributions:
     """Token attributions ``(dm/de) . (e - e_baseline)`` per prompt and position (docs/quantities.md, "Attributions").
@@ -206,7 +206,7 @@ def head_attributions(
     per_prompt: bool = False,
     frozen_qk: bool = True,
     batch_size: Optional[int] = None,
-    progress: bool = False,
+    progress: bool = True,
     backend=None,
     **gim_options,
 ) -> HeadAttributions:

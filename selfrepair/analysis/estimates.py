@@ -151,7 +151,7 @@ def _gim_estimates(model, task: Task, groups: pd.DataFrame, settings: dict, gim_
     return out
 
 
-def compare_estimates(model, task: Task, result, *, top_frac: float = 0.1, progress: bool = False,
+def compare_estimates(model, task: Task, result, *, top_frac: float = 0.1, progress: bool = True,
                       **gim_options) -> EstimateComparison:
     """Add ``gim_estimate`` to a self-repair result and report how the estimates track measured effects.
 

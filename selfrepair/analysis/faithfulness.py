@@ -59,7 +59,7 @@ def faithfulness(
     seeds: Sequence[int] = RANDOM_SEEDS,
     exclude_bos: Optional[bool] = None,
     batch_size: Optional[int] = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Faithfulness:
     """Comprehensiveness and sufficiency of token rankings (docs/quantities.md, "Attributions"; the GIM paper's metrics).
 

@@ -70,7 +70,7 @@ from .._typing import Tensor
 from ..engine.cache import cached_run, check_backend
 from ..engine.edits import ZEdits, measure_z_edits
 from ..models.probe import resolve_backend
-from ..tasks import Task, validate_task
+from ..tasks import Task, bos_id, validate_task
 from .checkpoint import BatchCheckpoint
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
@@ -142,7 +142,7 @@ def analyze_self_repair(
     k: int = 2,
     min_contribution: float = 1.0,
     select: str = "positive",
-    exclude_bos: bool = False,
+    exclude_bos: Optional[bool] = False,
     threshold: float = 0.1,
     min_effect: float = 1e-4,
     ablation: str = "mean",
@@ -164,7 +164,9 @@ def analyze_self_repair(
     forward passes. ``checkpoint_dir``: each batch's rows are written there atomically and
     a re-run with the same settings, model and task resumes. ``dtype``: precision of the
     cached activations (float32, or float64 for exactness checks); row arithmetic is float64.
-    Columns of ``result.groups``: see the module docstring of ``selfrepair.self_repair``.
+    ``exclude_bos``: True / False, or None to detect it (True when every prompt starts with the model's
+    BOS token), as in ``faithfulness``. ``batch_size``: prompts per batch. ``progress``: a progress bar.
+    Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
     """
 
     backend = resolve_backend(model)
@@ -173,6 +175,8 @@ def analyze_self_repair(
                               value_ablation=value_ablation, layers=layers, heads=heads, temperature=temperature,
                               batch_size=batch_size, dtype=dtype)
     k = int(k)
+    if exclude_bos is None:
+        exclude_bos = bool((task.tokens[:, 0] == bos_id(model)).all())
     itemsize = torch.empty((), dtype=dtype).element_size()
     bs = int(batch_size) if batch_size else _auto_batch_size(task, len(layers), backend.n_heads, backend.d_head,
                                                              itemsize)
