@@ -35,7 +35,7 @@ import torch
 from .._devices import model_device as _model_device, model_dtype as _model_float_dtype
 from .._typing import Bool, Float, Int, Tensor
 from ..models.probe import resolve_backend
-from ..tasks import Task
+from ..tasks import Task, validate_task
 
 
 @dataclass
@@ -141,12 +141,8 @@ def cached_run(
     for l in layers:
         if not 0 <= l < n_layers:
             raise ValueError(f"layer {l} out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
-    if len(task) == 0:
-        raise ValueError("empty task: give at least one prompt.")
+    validate_task(task, model)
     n = int(task.lengths.max())
-    if n > backend.n_ctx:
-        raise ValueError(f"task prompts have up to {n} tokens but the model's context is {backend.n_ctx}; "
-                         "shorten the prompts.")
     keep = set(keep)
     unknown = keep - {"scores", "pattern", "values", "z"}
     if unknown:
@@ -218,6 +214,25 @@ def cached_run(
             grads = torch.autograd.grad(m.sum(), [z_live[l] for l in layers], allow_unused=True)
         del logits, m
 
+    scores, pattern, values, zd, gz = _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev,
+                                                 tiny_log, n_heads, dtype, n_underflow)
+    raw.clear()
+    z_live.clear()
+
+    return CachedRun(
+        layers=layers, score_site=site, scores=scores, pattern=pattern, values=values, z=zd, grad_z=gz,
+        metric=metric.to(dtype), mask=mask_dev, lengths=task.lengths.to(device), positions=task.positions.to(device),
+        n_heads=n_heads, n_kv_heads=backend.n_kv_heads, n_underflow=n_underflow)
+
+
+def _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev, tiny_log, n_heads, dtype, n_underflow):
+    """What the hooks saved, per layer: scores (-inf at masked keys; log p on pattern sites), pattern,
+    values expanded to query heads, z and dm/dz, cast to ``dtype``."""
+    backward = grads is not None
+
+    def cast(x: Tensor) -> Tensor:
+        return x.detach().to(dtype=dtype)
+
     scores, pattern, values, zd, gz = {}, {}, {}, {}, ({} if backward else None)
     for idx, l in enumerate(layers):
         if site == "scores" and "scores" in keep:
@@ -248,10 +263,4 @@ def cached_run(
         if backward:
             g = grads[idx]
             gz[l] = torch.zeros_like(z_live[l], dtype=dtype) if g is None else cast(g)
-    raw.clear()
-    z_live.clear()
-
-    return CachedRun(
-        layers=layers, score_site=site, scores=scores, pattern=pattern, values=values, z=zd, grad_z=gz,
-        metric=metric.to(dtype), mask=mask_dev, lengths=task.lengths.to(device), positions=task.positions.to(device),
-        n_heads=n_heads, n_kv_heads=backend.n_kv_heads, n_underflow=n_underflow)
+    return scores, pattern, values, zd, gz
