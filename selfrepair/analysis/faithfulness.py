@@ -108,6 +108,24 @@ def faithfulness(
     rankings["random"] = [torch.rand(B, P, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
                           for s in seeds]
 
+    variants, rows, keys = _replaced(task.tokens, rankings, elig, n_elig, fractions, base)
+    m_clean = _metric_of(model, task, task.tokens, torch.arange(B), batch_size)
+    ms = _metric_of(model, task, torch.cat(variants), torch.cat(rows), batch_size, progress).view(len(keys), B)
+
+    acc: Dict[tuple, Dict[str, list]] = {}
+    for (name, r_i, q, kind, k), mv in zip(keys, ms):
+        d = acc.setdefault((name, q), {"comp": [], "suff": [], "k": k})
+        d[kind].append(m_clean - mv)
+    recs = _summary(rankings, fractions, acc, m_clean)
+    settings = dict(baseline_id=base, fractions=list(fractions), seeds=list(seeds), exclude_bos=exclude_bos,
+                    batch_size=batch_size, methods=list(attributions))
+    return Faithfulness(pd.DataFrame(recs), settings=settings)
+
+
+def _replaced(tokens: Tensor, rankings: Dict[str, list], elig: Tensor, n_elig: Tensor, fractions, base: int):
+    """Every token row to run: per ranking and fraction q, the top k replaced (comprehensiveness) and the
+    rest replaced (sufficiency) by the baseline token. Returns the rows, their prompts and their keys."""
+    B, P = tokens.shape
     pos = torch.arange(P)
     variants, rows, keys = [], [], []
     for name, scores in rankings.items():
@@ -120,19 +138,18 @@ def faithfulness(
             for q in fractions:
                 k = torch.clamp(torch.ceil(q * n_elig.double()).long(), min=1)
                 top = (rank < k[:, None]) & elig
-                comp = task.tokens.masked_fill(top, base)
-                suff = task.tokens.masked_fill(elig & ~top, base)
+                comp = tokens.masked_fill(top, base)
+                suff = tokens.masked_fill(elig & ~top, base)
                 for kind, toks in (("comp", comp), ("suff", suff)):
                     variants.append(toks)
                     rows.append(torch.arange(B))
                     keys.append((name, r_i, q, kind, k))
-    m_clean = _metric_of(model, task, task.tokens, torch.arange(B), batch_size)
-    ms = _metric_of(model, task, torch.cat(variants), torch.cat(rows), batch_size, progress).view(len(keys), B)
+    return variants, rows, keys
 
-    acc: Dict[tuple, Dict[str, list]] = {}
-    for (name, r_i, q, kind, k), mv in zip(keys, ms):
-        d = acc.setdefault((name, q), {"comp": [], "suff": [], "k": k})
-        d[kind].append(m_clean - mv)
+
+def _summary(rankings: Dict[str, list], fractions, acc: dict, m_clean: Tensor) -> list:
+    """One record per method and q, plus its AOPC row (means over q)."""
+    B = len(m_clean)
     absm = m_clean.abs()
     recs = []
     for name in rankings:
@@ -151,6 +168,4 @@ def faithfulness(
                 ("comprehensiveness", "sufficiency", "comprehensiveness_rel", "sufficiency_rel", "k_mean")}
         recs.append(dict(method=name, q="AOPC", **aopc, m_clean_mean=float(m_clean.mean()), n_prompts=B,
                          n_rankings=per_q[0]["n_rankings"]))
-    settings = dict(baseline_id=base, fractions=list(fractions), seeds=list(seeds), exclude_bos=exclude_bos,
-                    batch_size=batch_size, methods=list(attributions))
-    return Faithfulness(pd.DataFrame(recs), settings=settings)
+    return recs
