@@ -1,4 +1,4 @@
-"""Global-effects engine (selfrepair.ablation) against independent brute-force re-runs.
+"""Global-effects engine (selfrepair.engine.edits) against independent brute-force re-runs.
 
 References are plain per-edit ``model.run_with_hooks`` forwards over the whole prompt with
 full logits (one edit per forward), with the edit applied at ``hook_z`` or, for score

@@ -1,4 +1,4 @@
-"""selfrepair.cache.cached_run against independent computations on HF GPT-2, HF Llama (GQA) and native bridges.
+"""selfrepair.engine.cached_run against independent computations on HF GPT-2, HF Llama (GQA) and native bridges.
 
 - scores / pattern / values against TransformerLens' own cache (run_with_cache), masks explicit;
 - the GQA kv-head mapping checked through z = p @ v (z taken from the model);

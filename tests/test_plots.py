@@ -1,4 +1,4 @@
-"""selfrepair.plots on a real result of the shipped model: traces, axes, the y = x line, the threshold.
+"""selfrepair.plots (report/figures.py) on a real result of the shipped model: traces, axes, the y = x line, the threshold.
 
 Every number a figure shows is checked against an independent computation
 from the result's own columns (or the model's attention pattern), never

@@ -1,4 +1,4 @@
-"""selfrepair.probe: the measured backend facts, checked against independent evidence.
+"""selfrepair.probe (models/probe.py): the measured backend facts, checked against independent evidence.
 
 Each claim of the probe (made at layer 0) is re-checked here by a different
 route: at another layer, against the wrapped HF modules, or by an analytic

@@ -1,4 +1,4 @@
-"""The self-repair engine (selfrepair.self_repair) against independent computations.
+"""The self-repair engine (selfrepair.analysis.self_repair) against independent computations.
 
 - hand-built rows with hand-computed numbers (float64, 1e-12): the equal-score pair, value
   ablations, low-mass keys, knockout, Shapley against a brute-force permutation average;

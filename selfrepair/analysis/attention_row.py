@@ -44,7 +44,7 @@ def pick_row(result) -> pd.Series:
 def _row_scores(model, task, prompt: int, layer: int, head: int, query: int):
     """The score row ``a`` (float64, keys 0..query) of one head at one query, from one cached forward.
 
-    :func:`selfrepair.cache.cached_run` reads the backend's live score site, or
+    :func:`selfrepair.engine.cached_run` reads the backend's live score site, or
     ``log p`` where the backend only exposes the pattern (the scores up to a
     per-row constant, which mean ablation and knockout both ignore; docs/quantities.md, "Local effects").
     """

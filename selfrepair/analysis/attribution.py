@@ -1,22 +1,19 @@
-"""Attributions (docs/quantities.md, "Attributions") and how gradient estimates track measured effects.
+"""Token and head attributions (docs/quantities.md, "Attributions").
 
 Sign convention everywhere: an effect or estimate is ``m(clean) - m(changed)``,
 positive when the change lowers the metric; a token attribution
 ``(dm/de) . (e - e_baseline)`` estimates ``m(x) - m(x with that token replaced
-by the baseline)``.
+by the baseline)`` (the baseline token: ``analysis.common.default_baseline_id``).
 
-- ``explain``: token attributions with plain (``"grad"``) or GIM (``"gim"``) gradients.
+- ``explain``: token attributions with plain (``"grad"``) or GIM (``"gim"``) gradients
+  -> ``TokenAttributions``; ``token_attribution_table`` lays them out per token.
 - ``head_attributions``: attribution patching per head, plain and GIM, beside
   the measured effect of ablating the head (and the part of it that acts
-  through later heads' attention patterns, i.e. their queries and keys).
-- ``compare_estimates``: grad / TSG / GIM estimates of a self-repair result
-  against its measured global and local joint effects.
-- ``faithfulness``: comprehensiveness and sufficiency of token rankings.
+  through later heads' attention patterns, i.e. their queries and keys)
+  -> ``HeadAttributions``.
 
-Default baseline token (``default_baseline_id``): the tokenizer's single-token
-encoding of ``" "`` (a space: the GIM paper's and gim-explain's choice; 221 for
-the shipped BPE), else its pad, unk or BOS token; without a tokenizer, token 0
-(``<unk>`` in llama2.c / SentencePiece vocabularies such as stories260K).
+``compare_estimates`` (``analysis.estimates``) and ``faithfulness`` (``analysis.faithfulness``)
+build on these.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ contribution ``w_j = p_j c_j`` (``c_j = g . v_j``, ``g = dm/dz_i``):
 - exact Shapley values within S from the ``2^k`` local subset effects;
 - gradient estimates (plain and TSG, temperature T) of the joint score ablation;
 - global effects (``global_effects=True``): the same ablations in real forward
-  passes (``selfrepair.ablation``), ``m(clean) - m(ablated)``.
+  passes (``selfrepair.engine``, ``measure_z_edits``), ``m(clean) - m(ablated)``.
 
 Local effects are computed in closed form from ONE cached forward and backward
-pass per batch (``selfrepair.cache``): no forward pass per ablation or subset.
+pass per batch (``selfrepair.engine.cached_run``): no forward pass per ablation or subset.
 All rows of a batch are processed at once, subsets as bitmasks, in float64
 (the cached activations are float32 by default, ``dtype=`` for float64).
 

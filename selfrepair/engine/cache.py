@@ -64,7 +64,7 @@ class CachedRun:
 
     def rows(self, prompt, layer: int, head, query) -> tuple:
         """The tensors of rows ``(prompt, layer, head, query)`` (prompt indices within this run), shaped for
-        ``selfrepair.self_repair.local_effects``: ``(scores [R, n], values [R, n, d_head], grad [R, d_head],
+        ``selfrepair.analysis.local_effects``: ``(scores [R, n], values [R, n, d_head], grad [R, d_head],
         mask [R, n])``. ``layer`` is one int; the others are ints or 1-D integer tensors."""
         if layer not in self.scores or layer not in self.values:
             raise KeyError(f"layer {layer} was not cached with scores and values (cached: {list(self.scores)}).")

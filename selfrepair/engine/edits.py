@@ -81,7 +81,7 @@ processing), other architectures.
 
 ``"hooks"`` (TL4 native bridges, a TL3 ``HookedTransformer``, other
 architectures, or any model carrying forward hooks): batched forwards with one
-hook at ``hook_z`` per edited layer (``z_hook`` from ``selfrepair.probe`` when
+hook at ``hook_z`` per edited layer (``z_hook`` from ``selfrepair.probe`` (``models/probe.py``) when
 it has already probed the model, else ``blocks.{layer}.attn.hook_z``); edits of
 different prompts and layers share a forward, rows being each prompt's tokens
 cut after the batch's largest metric position. ``start_at_layer`` is used only
@@ -256,7 +256,7 @@ def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional
             if path == "fast":
                 raise ValueError(f"path='fast': our forward disagrees with the model's own forward ({e}); "
                                  "use path='auto' or 'hooks'.") from None
-            warnings.warn(f"selfrepair.ablation: fast path disagrees with the model's own forward ({e}); "
+            warnings.warn(f"selfrepair.engine: fast path disagrees with the model's own forward ({e}); "
                           "using the hook path.")
             reason = f"fast forward disagreed with the model's own forward ({e})"
     return _prepare_hooks(model, task, dims, reason, batch_size=batch_size)
@@ -313,7 +313,7 @@ def _bytes_per_token(dims: ModelFacts, n_keys: int, dtype: torch.dtype, vocab: b
 
 class _StopForward(Exception):
     def __init__(self, value):
-        super().__init__("selfrepair.ablation: forward stopped after the last block")
+        super().__init__("selfrepair.engine: forward stopped after the last block")
         self.value = value
 
 
@@ -486,7 +486,7 @@ def run_z_edits(model, task: Task, edits: ZEdits, *, edits_per_forward: Optional
             if path == "fast":
                 raise ValueError("the model carries forward hooks, which the fast path would bypass; remove them "
                                  "or use path='auto' / 'hooks'.")
-            warnings.warn("selfrepair.ablation: the model now carries forward hooks; re-preparing the clean run "
+            warnings.warn("selfrepair.engine: the model now carries forward hooks; re-preparing the clean run "
                           "on the hook path so that they apply.")
             clean = prepare_clean(model, task, path="hooks")
         if path == "fast" and clean.path != "fast":

@@ -1,7 +1,7 @@
 """Figures of a self-repair study: each function takes a result and returns a plotly Figure.
 
 Nothing here shows a figure or touches the model's hooks: the functions take a
-:class:`~selfrepair.self_repair.SelfRepairResult` (or its ``groups``
+:class:`~selfrepair.analysis.SelfRepairResult` (or its ``groups``
 DataFrame, or another table of the study) and return a
 ``plotly.graph_objects.Figure``. :func:`save_figure` writes one as interactive
 HTML and as PNG (through kaleido 1.x, which drives a local Chrome/Chromium;
@@ -144,7 +144,7 @@ def _hover(df: pd.DataFrame, extra: Sequence[tuple[str, str, str]] = ()) -> list
 
 
 def _agreement(estimate, effect, **kw) -> dict:
-    """:func:`selfrepair.attribution.agreement` (Spearman, sign agreement, top-k overlap), the numbers
+    """:func:`selfrepair.analysis.agreement` (Spearman, sign agreement, top-k overlap), the numbers
     ``compare_estimates`` reports."""
 
     return agreement(np.asarray(estimate, dtype=float), np.asarray(effect, dtype=float), **kw)

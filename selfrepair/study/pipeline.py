@@ -71,7 +71,7 @@ def model_info(model, spec) -> dict:
     info = {"spec": spec if spec is not None else "default",
             "path": str(DEFAULT_MODEL_DIR) if spec is None else str(spec),
             "class": type(model).__name__,
-            "weights_sha256": model_hash(model)}  # the analysis' own hash (selfrepair.self_repair.model_hash)
+            "weights_sha256": model_hash(model)}  # the analysis' own hash (selfrepair.analysis.model_hash)
     for k in ("n_layers", "n_heads", "d_model", "d_head", "n_ctx", "d_vocab"):
         v = getattr(cfg, k, None)
         if v is not None:
