@@ -13,7 +13,7 @@ machine and, on a shared machine, on its load).
 
 1. Global ablations. Workload: on a trained model (the shipped default), the groups
    ``analyze_self_repair`` selects on the code-copy task (k = 2; each group gives its k
-   individual and its joint score ablation, SPEC "mean" ablation); on a model with
+   individual and its joint score ablation, docs/quantities.md "Local effects": mean ablation); on a model with
    random weights (selection finds little there) a fixed, seeded set of ``--n-random``
    (default 1,000) ablations of a key pair at a random (prompt, layer, head, query).
    Baseline: the loop a notebook user writes today, one ``model.run_with_hooks`` per
@@ -32,7 +32,7 @@ machine and, on a shared machine, on its load).
    prompt, whatever the ablation); the clean forwards both need once per prompt are
    left out of the baseline (in its favour). ``max_abs_diff``: the largest
    |engine - baseline| over the ablations the baseline ran, in metric units.
-   ``ideal_speedup`` = ``selfrepair.ablation.flops``: FLOPs of the baseline (a full
+   ``ideal_speedup`` = ``selfrepair.engine.flops``: FLOPs of the baseline (a full
    forward with full logits per ablation) over the minimum the engine must do (per
    ablation at layer l, query i: layers l..L-1 at positions i..P, one unembedding;
    P the metric position). A multiply-add is 2 FLOPs; per token and layer
@@ -95,6 +95,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(REPO))
 
 from selfrepair._devices import model_device, model_dtype  # noqa: E402  (after the path above)
+from selfrepair.engine.kernels import ablated_pattern  # noqa: E402
 
 #: shapes of the models built from configs (random weights, seeded)
 SHAPES = {
@@ -213,7 +214,7 @@ def quiet():
 
 
 def default_model_exists() -> bool:
-    from selfrepair.loading import DEFAULT_MODEL_DIR
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
     return (DEFAULT_MODEL_DIR / "config.json").is_file()
 
@@ -353,12 +354,11 @@ def select_workload(model, info, task, *, k: int, min_contribution: float, targe
 
 
 def score_ablation_deltas(run, abl: Ablations, chunk: int = 256) -> torch.Tensor:
-    """``z_i' - z_i = sum_j (p'_j - p_j) v_j`` per ablation (SPEC "mean" score ablation), float64 -> [n, d_head]."""
+    """``z_i' - z_i = sum_j (p'_j - p_j) v_j`` per ablation (docs/quantities.md, "Local effects": mean score ablation), float64 -> [n, d_head]."""
     n = len(abl)
     d = next(iter(run.values.values())).shape[-1]
     dev = run.mask.device
     out = torch.zeros(n, d, dtype=torch.float64, device=dev)
-    ninf = float("-inf")
     for l in torch.unique(abl.layer).tolist():
         idx = (abl.layer == l).nonzero()[:, 0]
         for s in range(0, idx.numel(), chunk):
@@ -369,17 +369,15 @@ def score_ablation_deltas(run, abl: Ablations, chunk: int = 256) -> torch.Tensor
             v = run.values[l][b, :, h].double()                                   # [R, n, d]
             keys = abl.keys[r].to(dev)
             sel = (torch.arange(m.shape[1], device=dev)[None, None, :] == keys[:, :, None]).any(1)  # -1 pads: none
-            mean = a.masked_fill(~m, 0.0).sum(1) / m.sum(1)
-            p = torch.softmax(a.masked_fill(~m, ninf), 1)
-            p2 = torch.softmax(torch.where(sel, mean[:, None], a).masked_fill(~m, ninf), 1)
+            p = ablated_pattern(a, m, torch.zeros_like(sel))                      # the clean row
+            p2 = ablated_pattern(a, m, sel, ablation="mean")                     # docs/quantities.md, "Local effects": mean score ablation
             out[r.to(dev)] = torch.einsum("rn,rnd->rd", p2 - p, v)
     return out
 
 
 def engine_effects(model, task, abl: Ablations, *, progress: bool = False):
     """The engine end to end: clean scores/values, z edits, prepare_clean, measure_z_edits. -> (effects, parts)."""
-    from selfrepair.ablation import ZEdits, last_run, measure_z_edits, prepare_clean
-    from selfrepair.cache import cached_run
+    from selfrepair.engine import ZEdits, cached_run, prepare_clean, run_z_edits
 
     device = str(model_device(model).type)
     parts: Dict[str, list] = {"cache": [], "deltas": [], "prepare_clean": [], "measure": []}
@@ -394,10 +392,10 @@ def engine_effects(model, task, abl: Ablations, *, progress: bool = False):
     with timer(device, parts["prepare_clean"]):
         clean = prepare_clean(model, task)
     with timer(device, parts["measure"]):
-        out = measure_z_edits(model, task, edits, clean=clean, progress=progress)
+        run = run_z_edits(model, task, edits, clean=clean, progress=progress)
+        out = run.effects
     info = {k: v[0] for k, v in parts.items()}
-    info.update(path=last_run.get("path"), fast_kind=last_run.get("fast_kind"), forwards=last_run.get("forwards"),
-                skipped=last_run.get("skipped"))
+    info.update(path=run.path, fast_kind=run.fast_kind, forwards=run.forwards, skipped=run.skipped)
     return out.double(), info, edits
 
 
@@ -418,7 +416,7 @@ def baseline_effect(model, backend, task, row, m_clean: float) -> float:
         a = stash["a"] if "a" in stash else torch.log(p[0, h, i].detach().double())
         a = a.masked_fill(~keep, float("-inf"))
         a2 = a.clone()
-        a2[ks] = a[keep].mean()                                   # SPEC "mean": mean of the row's unmasked scores
+        a2[ks] = a[keep].mean()                                   # docs/quantities.md, "Local effects", mean: mean of the row's unmasked scores
         p = p.clone()
         p[0, h, i] = torch.softmax(a2, -1).to(p.dtype)
         return p
@@ -445,7 +443,7 @@ def clean_metrics(model, task) -> Dict[int, float]:
 
 def bench_global(model, info, args, device: str) -> dict:
     import selfrepair
-    from selfrepair.ablation import flops
+    from selfrepair.engine import flops
 
     notes: List[str] = []
     task = make_task(model, info, args.prompts, args.seq_len, seed=args.seed)

@@ -1,32 +1,28 @@
 """selfrepair: self-repair inside attention, measured by ablation and estimated with GIM gradients.
 
-model + task -> cached run -> effects -> DataFrames -> figures:
+model + task -> cached run -> effects -> tables -> figures, one subpackage per arrow
+(docs/architecture.md):
 
-* ``load_model``         (loading)      a TransformerLens model, offline by default
-* ``probe``              (probe)        which hook sites of this model are live
-* ``tasks``, ``Task``    (tasks)        prompts with answer / wrong tokens and a metric
-* ``cached_run``         (cache)        one forward + backward: scores, pattern, values, dm/dz
-* ``analyze_self_repair``(self_repair)  individual vs joint ablations, local and global
-* ``measure_z_edits``    (ablation)     batched global ablations with partial recomputation
-* ``gim``                (gim)          GIM backward modifications as a context manager
-* ``explain``, ``head_attributions``, ``compare_estimates``, ``faithfulness`` (attribution)
-* ``plots``              (plots)        plotly figures
+* ``load_model``, ``probe``                       (models)    a TransformerLens model; its live hook sites
+* ``tasks``, ``Task``                             (tasks)     prompts with answer / wrong tokens and a metric
+* ``cached_run``, ``measure_z_edits``             (engine)    one forward + backward; batched z edits
+* ``analyze_self_repair``, ``gim``, ``explain``, ``head_attributions``, ``compare_estimates``,
+  ``faithfulness``                                (analysis)  result objects with to_frame / save / load
+* ``plots``                                       (report)    plotly figures from tables
+* ``study``                                       (study)     the pipeline the CLI and notebooks share
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from . import tasks
 from .tasks import Task
-from .loading import load_model
-from .probe import Backend, probe
-from .cache import CachedRun, cached_run
-from .ablation import ZEdits, measure_z_edits, prepare_clean
-from .self_repair import SelfRepairResult, analyze_self_repair
-from .gim import gim
-from .attribution import compare_estimates, explain, faithfulness, head_attributions
+from .models import Backend, load_model, probe
+from .engine import CachedRun, ZEdits, cached_run, measure_z_edits, prepare_clean
+from .analysis import (EstimateComparison, SelfRepairResult, analyze_self_repair, compare_estimates, explain,
+                       faithfulness, gim, head_attributions)
+from .report import figures as plots
 
 __all__ = [
-    "tasks", "Task", "load_model", "Backend", "probe", "CachedRun", "cached_run", "ZEdits",
-    "measure_z_edits", "prepare_clean", "SelfRepairResult", "analyze_self_repair", "gim",
-    "compare_estimates", "explain", "faithfulness", "head_attributions",
+    "__version__", "tasks", "Task", "load_model", "Backend", "probe", "CachedRun", "cached_run", "ZEdits",
+    "measure_z_edits", "prepare_clean", "SelfRepairResult", "analyze_self_repair", "gim", "compare_estimates",
+    "EstimateComparison", "explain", "faithfulness", "head_attributions", "plots",
 ]

@@ -19,8 +19,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import torch
+
+# Shapes in annotations are checked at run time in the whole suite: every function and dataclass of the
+# package is wrapped by jaxtyping + beartype (tests/shape_check.py: the array annotations) as it is imported,
+# so this must run before selfrepair is imported.
+_JAXTYPING_HOOK = jaxtyping.install_import_hook("selfrepair", "shape_check.shapes_only")
 
 # Small models: one thread is fastest and avoids oversubscription when other jobs share the cores.
 torch.set_num_threads(1)
@@ -168,7 +174,7 @@ def native_bridge():
 
 @pytest.fixture(scope="session")
 def default_model():
-    from selfrepair.loading import DEFAULT_MODEL_DIR
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.skip(f"shipped default model not present at {DEFAULT_MODEL_DIR}")
@@ -188,7 +194,7 @@ def stories_model():
 
 @pytest.fixture(scope="session")
 def sr_tokenizer():
-    from selfrepair.loading import DEFAULT_MODEL_DIR
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
     for d in (DEFAULT_MODEL_DIR, Path("/tmp/sr_tokenizer")):
         if (d / "tokenizer.json").is_file():

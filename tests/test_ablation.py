@@ -1,4 +1,4 @@
-"""Global-effects engine (selfrepair.ablation) against independent brute-force re-runs.
+"""Global-effects engine (selfrepair.engine.edits) against independent brute-force re-runs.
 
 References are plain per-edit ``model.run_with_hooks`` forwards over the whole prompt with
 full logits (one edit per forward), with the edit applied at ``hook_z`` or, for score
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import gpt2_config, llama_config, make_gpt2_bridge, make_native_bridge, needs_bridge
-from selfrepair import ablation as A
+from selfrepair.engine import edits as A
+from selfrepair.models.facts import model_facts
 from selfrepair.tasks import Task
 
 pytestmark = needs_bridge
@@ -115,8 +116,9 @@ def test_matches_one_forward_per_edit(name, request):
     model = request.getfixturevalue(name)
     task = _task(model)
     edits = _edits(model, task)
-    got = A.measure_z_edits(model, task, edits, progress=False)
-    info = dict(A.last_run)
+    run = A.run_z_edits(model, task, edits, progress=False)
+    got = run.effects
+    info = run.info()
     assert got.dtype == torch.float64
     ref = _ref_loop(model, task, edits)
     assert ref.abs().max() > 1e-3                                   # the edits do something
@@ -162,10 +164,11 @@ def test_prompt_groups_when_clean_cache_is_large(gpt2_bridge64, monkeypatch):
     task = _task(gpt2_bridge64, seed=30, B=5)
     edits = _edits(gpt2_bridge64, task, n=20, seed=31)
     whole = A.measure_z_edits(gpt2_bridge64, task, edits, progress=False)
-    monkeypatch.setattr(A, "CLEAN_BUDGET", 2 * A._clean_bytes(A._dims(gpt2_bridge64), task.tokens.shape[1], torch.float64))
-    grouped = A.measure_z_edits(gpt2_bridge64, task, edits, progress=False)
+    monkeypatch.setattr(A, "CLEAN_BUDGET", 2 * A._clean_bytes(model_facts(gpt2_bridge64), task.tokens.shape[1], torch.float64))
+    run = A.run_z_edits(gpt2_bridge64, task, edits, progress=False)
+    grouped = run.effects
     torch.testing.assert_close(grouped, whole, rtol=RTOL, atol=ATOL)
-    assert A.last_run["edits"] == len(edits) and A.last_run["forwards"] > 0
+    assert run["edits"] == len(edits) and run["forwards"] > 0
 
 
 # ----------------------------------------------------------------------------- score ablation as a z delta
@@ -188,7 +191,7 @@ def test_score_ablation_as_z_delta_equals_pattern_edit(name, request):
         a = cache[f"blocks.{l}.attn.hook_attn_scores"][p, h, i, :i + 1]
         S = torch.randperm(i + 1, generator=g)[:2]
         a2 = a.clone()
-        a2[S] = a.mean()                                            # SPEC "mean" over unmasked keys 0..i
+        a2[S] = a.mean()                                            # docs/quantities.md "Local effects": mean over unmasked keys 0..i
         p_new = torch.softmax(a2, -1)
         p_old = cache[f"blocks.{l}.attn.hook_pattern"][p, h, i, :i + 1]
         v = cache[f"blocks.{l}.attn.hook_v"][p, :i + 1, h // rep]
@@ -229,16 +232,18 @@ def test_fast_path_taken_on_hf_bridges(name, request):
     handles = [blk.register_forward_pre_hook(lambda m, a: calls.append(1)) for blk in model.blocks]
     handles.append(model.register_forward_pre_hook(lambda m, a: calls.append(1)))
     try:
-        got = A.measure_z_edits(model, task, edits, progress=False, clean=clean, path="fast")
+        run = A.run_z_edits(model, task, edits, progress=False, clean=clean, path="fast")
+        got = run.effects
     finally:
         for hd in handles:
             hd.remove()
     assert calls == []                                              # no model forward, no block forward
-    assert A.last_run["path"] == "fast" and A.last_run["forwards"] >= 1
+    assert run["path"] == "fast" and run["forwards"] >= 1
     # partial: fewer positions recomputed than full prompts would need
-    assert A.last_run["positions"] < len(edits) * task.tokens.shape[1]
-    slow = A.measure_z_edits(model, task, edits, progress=False, path="hooks")
-    assert A.last_run["path"] == "hooks"
+    assert run["positions"] < len(edits) * task.tokens.shape[1]
+    run = A.run_z_edits(model, task, edits, progress=False, path="hooks")
+    slow = run.effects
+    assert run["path"] == "hooks"
     torch.testing.assert_close(got, slow, rtol=RTOL, atol=ATOL)
 
 
@@ -257,8 +262,9 @@ def test_user_hooks_kept_and_applied(gpt2_bridge64):
     assert clean.path == "fast"
     model.add_hook("blocks.0.hook_mlp_out", user_hook)
     try:
-        got = A.measure_z_edits(model, task, edits, progress=False)
-        assert A.last_run["path"] == "hooks" and seen
+        run = A.run_z_edits(model, task, edits, progress=False)
+        got = run.effects
+        assert run["path"] == "hooks" and seen
         ref = _ref_loop(model, task, edits)                         # reference with the user's hook on
         torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
         with pytest.warns(UserWarning, match="forward hooks"):
@@ -287,9 +293,9 @@ def test_hooks_removed_after_error(native64):
 
 def test_start_at_layer_hook_variant(native64, monkeypatch):
     """The TL3 variant (hook path resuming at the edited layer) equals the reference loop."""
-    real = A._dims(native64)
+    real = model_facts(native64)
     fake = dataclasses.replace(real, kind="tl3")
-    monkeypatch.setattr(A, "_dims", lambda model: fake)
+    monkeypatch.setattr(A, "model_facts", lambda model: fake)
     task = _task(native64, seed=12)
     edits = _edits(native64, task, n=12, seed=13)
     clean = A.prepare_clean(native64, task)
@@ -311,16 +317,18 @@ def test_edits_after_metric_position_are_exactly_zero(name, request):
     start = P[prompt] + torch.tensor([1, 2, 1, 3, 1, 1])
     edits = A.ZEdits(prompt, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), start,
                      torch.ones(n, 2, model.cfg.d_head, dtype=torch.float64))
-    got = A.measure_z_edits(model, task, edits, progress=False)
+    run = A.run_z_edits(model, task, edits, progress=False)
+    got = run.effects
     assert torch.equal(got, torch.zeros(n, dtype=torch.float64))
-    assert A.last_run["forwards"] == 0 and A.last_run["skipped"] == n
+    assert run["forwards"] == 0 and run["skipped"] == n
     # at the last layer only the metric position reaches the metric: edits ending before it are 0 too,
     # and the reference agrees (to rounding)
     L = model.cfg.n_layers
     last = A.ZEdits(prompt, torch.full((n,), L - 1), torch.zeros(n, dtype=torch.long), P[prompt] - 3,
                     torch.ones(n, 3, model.cfg.d_head, dtype=torch.float64))
-    assert torch.equal(A.measure_z_edits(model, task, last, progress=False), torch.zeros(n, dtype=torch.float64))
-    assert A.last_run["skipped"] == n
+    run = A.run_z_edits(model, task, last, progress=False)
+    assert torch.equal(run.effects, torch.zeros(n, dtype=torch.float64))
+    assert run["skipped"] == n
     torch.testing.assert_close(_ref_loop(model, task, last[:2]), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
@@ -423,7 +431,8 @@ def test_real_models_fast_equals_hooks(name, request):
     model = request.getfixturevalue(name)
     task = _task(model, seed=16, B=2, T=40)
     edits = _edits(model, task, n=10, seed=17, dtype=torch.float32)
-    fast = A.measure_z_edits(model, task, edits, progress=False)
-    assert A.last_run["path"] == "fast"
+    run = A.run_z_edits(model, task, edits, progress=False)
+    fast = run.effects
+    assert run["path"] == "fast"
     slow = A.measure_z_edits(model, task, edits, progress=False, path="hooks")
     torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)

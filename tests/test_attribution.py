@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import selfrepair
-from selfrepair.attribution import (agreement, compare_estimates, default_baseline_id, explain, faithfulness,
+from selfrepair.analysis import (agreement, compare_estimates, default_baseline_id, explain, faithfulness,
                                     head_attributions)
-from selfrepair.gim import gim
+from selfrepair.analysis.gim import gim
+from selfrepair.analysis import analyze_self_repair
 from conftest import EPS32, scaled_atol
-from selfrepair.self_repair import analyze_self_repair
 from selfrepair.tasks import Task, bos_id
 
 OFF = dict(temperature=None, freeze_norm=False, q_scale=None, k_scale=None, v_scale=None, gate_scale=None,

@@ -87,7 +87,7 @@ def test_quick_trained_model_selected_groups():
     """On the shipped (trained) model the workload is the analysis's selected groups: individual AND joint
     ablations, and the engine must agree with both the baseline loop and analyze_self_repair's own global
     effects."""
-    from selfrepair.loading import DEFAULT_MODEL_DIR
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.skip("the shipped default model is not there")

@@ -1,4 +1,4 @@
-"""selfrepair.cache.cached_run against independent computations on HF GPT-2, HF Llama (GQA) and native bridges.
+"""selfrepair.engine.cached_run against independent computations on HF GPT-2, HF Llama (GQA) and native bridges.
 
 - scores / pattern / values against TransformerLens' own cache (run_with_cache), masks explicit;
 - the GQA kv-head mapping checked through z = p @ v (z taken from the model);
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from selfrepair.cache import cached_run, expand_kv, key_mask
+from selfrepair.engine.cache import cached_run, expand_kv, key_mask
 from selfrepair.tasks import Task
 
 from conftest import make_gpt2_bridge, scaled_atol
@@ -141,7 +141,7 @@ def test_native_keep_nothing_hooks_no_pattern(native_bridge):
     """On a pattern-site backend the pattern is hooked only when kept or needed for the scores:
     keep=() adds no hook_pattern hook and gives the same dm/dz as a run that keeps everything."""
     task = _task()
-    from selfrepair.probe import probe
+    from selfrepair.models.probe import probe
 
     probe(native_bridge)                       # cached: its own hooks are not the ones counted here
     added = []

@@ -27,8 +27,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from selfrepair import cli
-from selfrepair.loading import DEFAULT_MODEL_DIR
+from selfrepair.study import cli
+from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a small study: 3 induction prompts of 31 tokens, layers 0 and 3, one prompt per batch (= per checkpoint);
@@ -117,7 +117,7 @@ def full_run(tmp_path_factory, shipped_model):
 
 
 def test_analyze_options_are_the_api_signature(capsys):
-    from selfrepair.self_repair import analyze_self_repair
+    from selfrepair.analysis import analyze_self_repair
 
     params = [p for p in inspect.signature(analyze_self_repair).parameters.values() if p.name not in ("model", "task")]
     args = cli.build_parser().parse_args(["analyze"])
@@ -144,7 +144,7 @@ def test_analyze_options_are_the_api_signature(capsys):
     # the Python spelling is accepted too, and values reach the settings unchanged
     a = cli.build_parser().parse_args(["analyze", "--min_contribution", "0.5", "--layers", "0,2", "--heads", "1", "3",
                                        "--no-global", "--exclude-bos", "--k", "3"])
-    s = cli._settings_from_args(a)
+    s = cli.settings_from_args(a)
     assert s["min_contribution"] == 0.5 and s["layers"] == [0, 2] and s["heads"] == [1, 3]
     assert s["global_effects"] is False and s["exclude_bos"] is True and s["k"] == 3
 
@@ -179,7 +179,7 @@ def test_train_default_model_refuses_to_overwrite(tmp_path, capsys):
 def test_python_m_and_console_script():
     p = run_cli(["--version"], cwd=ROOT)
     assert p.returncode == 0 and p.stdout.startswith("selfrepair ")
-    assert 'selfrepair = "selfrepair.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'selfrepair = "selfrepair.study.cli:main"' in (ROOT / "pyproject.toml").read_text()
 
 
 # ----------------------------------------------------------------------------- the full study
@@ -207,7 +207,7 @@ def test_full_run_writes_every_file_with_content(full_run):
     settings = s["settings"]
     assert settings["layers"] == [0, 3] and settings["min_contribution"] == 0.5 and settings["batch_size"] == 1
     assert settings["global_effects"] is True and settings["k"] == 2 and settings["threshold"] == 0.1
-    from selfrepair.self_repair import analyze_self_repair
+    from selfrepair.analysis import analyze_self_repair
 
     assert set(settings) == {p for p in inspect.signature(analyze_self_repair).parameters if p not in ("model", "task")}
     assert s["task"]["name"] == "induction" and s["task"]["n"] == 3 and s["task"]["seq_len"] == 31

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import selfrepair
-from selfrepair.loading import DEFAULT_MODEL_DIR
+from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="default model not shipped")
 

@@ -1,4 +1,4 @@
-"""GIM (SPEC "GIM") against independent computations, on HF GPT-2, HF Llama (GQA, rotary,
+"""GIM (docs/quantities.md, "GIM") against independent computations, on HF GPT-2, HF Llama (GQA, rotary,
 RMSNorm, SwiGLU), TL-native bridges and stories260K.
 
 Independent references: the explicit softmax Jacobian ``(diag(s) - s s^T) g`` with
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import selfrepair
-from selfrepair.gim import GIMHookError, gim, tsg_pattern_grad, tsg_scores_grad
+from selfrepair.analysis.gim import GIMHookError, gim, tsg_pattern_grad, tsg_scores_grad
 
 from conftest import make_native_bridge
 
@@ -154,7 +154,7 @@ def test_internal_tsg_kernels_equal_the_reference_formulas(dtype):
     against the formula written out here in float64: the scores form on backend-masked scores
     (dtype-minimum fill, and -inf with rows that have no key at all), the pattern form on softmax
     outputs with exact zeros; many blocks (3 x 4 x 300 rows)."""
-    from selfrepair.gim import _BLOCK_BYTES, _tsg_from_pattern, _tsg_from_scores
+    from selfrepair.analysis.gim import _BLOCK_BYTES, _tsg_from_pattern, _tsg_from_scores
 
     g = torch.Generator().manual_seed(3)
     b, h, n = 3, 4, 300

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfrepair.attribution import explain
+from selfrepair.analysis import explain
 from selfrepair.tasks import Task
 
 gx = pytest.importorskip("gim", reason="gim-explain (test dependency) not installed")
@@ -112,7 +112,7 @@ def test_theirs_touches_a_softmax_in_the_metric_ours_does_not(native64):
             torch.softmax(logits[0, -1], -1)[5].backward(inputs=[cap["x"]])
         return cap["x"].grad
 
-    from selfrepair.gim import gim
+    from selfrepair.analysis.gim import gim
 
     plain = grad_at_final_ln(lambda: torch.enable_grad())
     ours = grad_at_final_ln(lambda: gim(native64, freeze_norm=False, q_scale=None, k_scale=None, v_scale=None))

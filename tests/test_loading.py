@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import selfrepair
-from selfrepair.loading import DEFAULT_MODEL_DIR, ModelLoadError
+from selfrepair.models.loading import DEFAULT_MODEL_DIR, ModelLoadError
 
 from conftest import REPO_ROOT, STORIES_260K, gpt2_config, llama_config, needs_bridge
 
@@ -167,7 +167,7 @@ def test_default_model_matches_boot_transformers(default_model):
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
-    import selfrepair.loading as loading
+    import selfrepair.models.loading as loading
 
     monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "nothing")
     with pytest.raises(ModelLoadError, match="default model is missing"):
@@ -182,7 +182,7 @@ _HUB_CODE = (
     "t = time.time()\n"
     "try:\n"
     "    selfrepair.load_model('openai-community/gpt2')\n"
-    "except selfrepair.loading.ModelLoadError as e:\n"
+    "except selfrepair.models.loading.ModelLoadError as e:\n"
     "    print(round(time.time() - t, 2)); print(str(e)); sys.exit(0)\n"
     "sys.exit(3)\n"
 )
@@ -235,7 +235,7 @@ def test_hub_probe_gives_up_on_a_hanging_connection(monkeypatch):
     """A connection (or DNS lookup) that hangs must not hang load_model: give up after the timeout."""
     import socket
 
-    import selfrepair.loading as loading
+    import selfrepair.models.loading as loading
 
     def hang(*a, **k):
         time.sleep(30)
@@ -257,7 +257,7 @@ def test_hub_error_uncaught_has_no_hub_traceback(tmp_path):
     )
     assert r.returncode != 0
     assert "huggingface_hub" not in r.stderr and "During handling" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("selfrepair.loading.ModelLoadError: cannot load 'gpt2'")
+    assert r.stderr.strip().splitlines()[-1].startswith("selfrepair.models.loading.ModelLoadError: cannot load 'gpt2'")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -424,7 +424,7 @@ def test_llama2c_random_file_matches_runc_forward(tmp_path, shared, version):
 
 def test_llama2c_without_row_permutation_would_differ(tmp_path):
     """The check above can fail: skipping the q/k row permutation breaks agreement."""
-    from selfrepair import llama2c
+    from selfrepair.models import llama2c
 
     rng = np.random.default_rng(12)
     hdr, w = _random_llama2c(rng)

@@ -25,7 +25,7 @@ NOTEBOOK_BUDGET_S = 240
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    from selfrepair.loading import DEFAULT_MODEL_DIR
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.skip(f"shipped default model not present at {DEFAULT_MODEL_DIR}")

@@ -1,4 +1,4 @@
-"""selfrepair.plots on a real result of the shipped model: traces, axes, the y = x line, the threshold.
+"""selfrepair.plots (report/figures.py) on a real result of the shipped model: traces, axes, the y = x line, the threshold.
 
 Every number a figure shows is checked against an independent computation
 from the result's own columns (or the model's attention pattern), never
@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from selfrepair import plots
+from selfrepair import analysis, plots
 
 N_PROMPTS = 6
 MIN_CONTRIBUTION = 0.5
@@ -25,8 +25,8 @@ MIN_CONTRIBUTION = 0.5
 @pytest.fixture(scope="module")
 def study(default_model):
     """One small real study on the shipped model: result (local + global), estimates, heads, attributions."""
-    from selfrepair import attribution, tasks
-    from selfrepair.self_repair import analyze_self_repair
+    from selfrepair import analysis as attribution, tasks
+    from selfrepair.analysis import analyze_self_repair
 
     torch.manual_seed(0)
     model = default_model
@@ -242,8 +242,8 @@ def test_head_ranking(study):
 
 def test_attention_row(study):
     model, task, res = study["model"], study["task"], study["result"]
-    data = plots.attention_row_data(model, task, res)
-    row = plots.pick_row(res)
+    data = analysis.attention_row_data(model, task, res)
+    row = analysis.pick_row(res)
     p, l, h, q = int(row["prompt"]), int(row["layer"]), int(row["head"]), int(row["query"])
     keys = list(row["keys"])
     # the clean weights are the model's own attention pattern at that row (independent forward)
@@ -287,7 +287,7 @@ def test_attention_row(study):
 
 def test_token_attributions(study):
     model, task, attrs = study["model"], study["task"], study["attrs"]
-    table = plots.token_attribution_table(model, task, attrs)
+    table = analysis.token_attribution_table(model, task, attrs)
     assert len(table) == int(task.lengths.sum())
     fig = plots.plot_token_attributions(table, prompt=1, window=30)
     assert [t.name for t in fig.data] == ["grad", "gim"]
@@ -343,7 +343,7 @@ def test_token_text_with_control_characters_exports_to_png(tmp_path):
         tokenizer = Tok()
 
     task = Task(torch.tensor([[0, 1, 2, 3, 4]]), torch.tensor([0]), torch.tensor([1]))
-    table = plots.token_attribution_table(Model(), task, {"grad": torch.arange(5.0)[None], "gim": torch.ones(1, 5)})
+    table = analysis.token_attribution_table(Model(), task, {"grad": torch.arange(5.0)[None], "gim": torch.ones(1, 5)})
     assert list(table["token"]) == ["def", "\\x00", "\\x1b[", "\u00b7x\u23ce", "\u21e5"]
     fig = plots.plot_token_attributions(table)
     plots.save_figure(fig, tmp_path / "tokens", html=False)

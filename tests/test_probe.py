@@ -1,4 +1,4 @@
-"""selfrepair.probe: the measured backend facts, checked against independent evidence.
+"""selfrepair.probe (models/probe.py): the measured backend facts, checked against independent evidence.
 
 Each claim of the probe (made at layer 0) is re-checked here by a different
 route: at another layer, against the wrapped HF modules, or by an analytic
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import selfrepair
-from selfrepair.probe import Backend, ProbeError, _Prober, norm_freeze_hooks
+from selfrepair.analysis.gim import norm_freeze_hooks
+from selfrepair.models.probe import Backend, ProbeError, _Prober
 
 from conftest import make_gpt2_bridge, make_llama_bridge, needs_bridge
 

@@ -27,7 +27,7 @@ import pytest
 
 # existing code (re-point these imports when the package layout changes)
 from selfrepair import load_model, tasks
-from selfrepair.cli import main as cli_main
+from selfrepair.study.cli import main as cli_main
 
 from selfrepair.analysis.attention_rows import attention_rows_table, select_groups
 from selfrepair.report import FigureSpec, TableSpec, build_report, register_section, unregister_section

@@ -1,4 +1,4 @@
-"""The self-repair engine (selfrepair.self_repair) against independent computations.
+"""The self-repair engine (selfrepair.analysis.self_repair) against independent computations.
 
 - hand-built rows with hand-computed numbers (float64, 1e-12): the equal-score pair, value
   ablations, low-mass keys, knockout, Shapley against a brute-force permutation average;
@@ -21,8 +21,9 @@ import pandas as pd
 import pytest
 import torch
 
-import selfrepair.self_repair as SR
-from selfrepair.self_repair import (SelfRepairResult, analyze_self_repair, interaction_ratio, local_effects,
+import selfrepair.analysis.results as SR
+import selfrepair.analysis.self_repair as SR_driver
+from selfrepair.analysis import (SelfRepairResult, analyze_self_repair, interaction_ratio, local_effects,
                                     select_keys)
 from selfrepair.tasks import Task
 
@@ -392,7 +393,7 @@ def test_planted_model_finds_the_redundant_keys(planted):
     assert np.allclose(g.interaction, (ES - 2 * E1) / ES, atol=1e-9, rtol=0)
     assert np.allclose([p for ps in g.p for p in ps], e5 / Z, atol=1e-12, rtol=0)
     # the same rows from a CachedRun through the pure-tensor API (what compare_estimates builds on)
-    from selfrepair.cache import cached_run
+    from selfrepair.engine.cache import cached_run
 
     run = cached_run(planted, task, layers=[0], dtype=F64)
     o = local_effects(*run.rows(g.prompt.to_numpy(), 0, g["head"].to_numpy(), g["query"].to_numpy()),
@@ -413,7 +414,7 @@ def test_planted_model_finds_the_redundant_keys(planted):
 
 
 def _scores_site(model):
-    from selfrepair.probe import probe
+    from selfrepair.models.probe import probe
 
     return probe(model).scores_hook
 
@@ -723,7 +724,7 @@ def test_resume_after_interruption(planted, tmp_path, monkeypatch):
     task = _planted_task(extra_short=True)
     kw = dict(batch_size=1, progress=False, dtype=F64, global_effects=True)
     full = analyze_self_repair(planted, task, **kw)
-    real = SR._analyze_batch
+    real = SR_driver._analyze_batch
     calls = []
 
     def flaky(*a, **k):
@@ -732,7 +733,7 @@ def test_resume_after_interruption(planted, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         return real(*a, **k)
 
-    monkeypatch.setattr(SR, "_analyze_batch", flaky)
+    monkeypatch.setattr(SR_driver, "_analyze_batch", flaky)
     ck = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):
         analyze_self_repair(planted, task, checkpoint_dir=ck, **kw)
@@ -791,7 +792,7 @@ def test_bad_arguments(gpt2_bridge, monkeypatch):
     import dataclasses
     import sys
 
-    P = sys.modules["selfrepair.probe"]       # the module (selfrepair.probe the attribute is the function)
+    P = sys.modules["selfrepair.models.probe"]       # the module (selfrepair.probe the attribute is the function)
 
     real = P.probe(gpt2_bridge)
     dead = dataclasses.replace(real, scores_live=False)

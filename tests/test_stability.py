@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from scipy.stats import rankdata
 
-from selfrepair.analysis.stability import MEASURES, StabilityResult, plot_stability, stability
-from selfrepair.task_edits import EDITS, EditError, edit_task
+from selfrepair.analysis.stability import MEASURES, StabilityResult, stability
+from selfrepair.report.figures import plot_stability
+from selfrepair.tasks.edits import EDITS, EditError, edit_task
 
 N_VARIANTS = 2
 

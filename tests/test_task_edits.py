@@ -1,4 +1,4 @@
-"""Meaning-preserving edits of code prompts (selfrepair.task_edits), checked independently:
+"""Meaning-preserving edits of code prompts (selfrepair.tasks.edits), checked independently:
 
 - answer / wrong ids unchanged, the final line's tokens and the metric position's context unchanged;
 - meaning: each variant spliced back into its held-out file gives the same Python token stream (comments and
@@ -19,7 +19,7 @@ import tokenize
 import pytest
 import torch
 
-from selfrepair.task_edits import EDITS, EditError, edit_task
+from selfrepair.tasks.edits import EDITS, EditError, edit_task
 
 KINDS = tuple(EDITS)
 

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from selfrepair import cached_run
-from selfrepair.plots import _token_text
+from ..engine.cache import cached_run
+from ..engine.kernels import ablated_pattern
+from ..tasks.tokens import token_text
 
 __all__ = ["attention_rows_table", "select_groups", "ATTENTION_ROWS_COLUMNS"]
 
@@ -116,22 +117,21 @@ def attention_rows_table(model, task, result, *, max_groups: Optional[int] = 500
         local = {p: i for i, p in enumerate(chunk)}
         run = cached_run(model, task.subset(chunk), layers=layers, backward=False, dtype=torch.float64,
                          keep=("scores",))
-        texts = {p: _token_text(model, task.tokens[p, : int(task.lengths[p])].tolist()) for p in chunk}
+        texts = {p: token_text(model, task.tokens[p, : int(task.lengths[p])].tolist()) for p in chunk}
         part = sel[sel["prompt"].isin(chunk)]
         for i, g in zip(pos[sel["prompt"].isin(chunk).to_numpy()], part.itertuples(index=False)):
             p, l, h, q = int(g.prompt), int(g.layer), int(g.head), int(g.query)
             keys = [int(k) for k in g.keys]
             a = run.scores[l][local[p], h, q, : q + 1].to(torch.float64).cpu()  # causal: keys 0..q all real
-            ref = torch.arange(q + 1)
+            row_mask = torch.ones(q + 1, dtype=torch.bool)
+            mean_mask = row_mask.clone()
             if exclude_bos:
-                ref = ref[ref != 0]
-            fill = a[ref].mean() if ablation == "mean" else torch.tensor(-torch.inf, dtype=torch.float64)
+                mean_mask[0] = False
 
             def pattern(S):
-                b = a.clone()
-                if S:
-                    b[S] = fill
-                return torch.softmax(b, 0).tolist()
+                ablated = torch.zeros(q + 1, dtype=torch.bool)
+                ablated[S] = True
+                return ablated_pattern(a, row_mask, ablated, ablation=ablation, mean_mask=mean_mask).tolist()
 
             gd = g._asdict()
             k = len(keys)

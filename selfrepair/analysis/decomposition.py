@@ -25,7 +25,7 @@ import torch
 from einops import rearrange, repeat
 
 from .._typing import Bool, Float, Int, Tensor
-from ..self_repair import _row_effects as row_effects, interaction_ratio  # moves to analysis.rows
+from .rows import interaction_ratio, row_effects
 
 __all__ = ["mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
            "n_contributing", "n_clusters", "TIE_RTOL"]

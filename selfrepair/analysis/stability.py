@@ -1,7 +1,7 @@
 """Are the conclusions stable under meaning-preserving edits of the prompts? (issue 10, part 3)
 
 ``stability(model, task, edits=...)`` makes variants of every prompt with
-``selfrepair.task_edits.edit_task`` and runs the same analyses on the original
+``selfrepair.tasks.edits.edit_task`` and runs the same analyses on the original
 prompts and on the variants: ``analyze_self_repair``, ``head_attributions``
 (plain gradient and GIM) and ``explain`` (plain gradient and GIM). Per edit
 kind, over the prompts that have at least one variant (``n``):
@@ -41,12 +41,15 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 from scipy import stats
+from tqdm.auto import tqdm
 
 # imports of existing code (re-point here when the layout changes)
-from selfrepair import Task, analyze_self_repair, explain, head_attributions
-from selfrepair.task_edits import EDITS, _check_edits, edit_task
+from ..tasks.base import Task
+from ..tasks.edits import EDITS, check_edits, edit_task
+from .attribution import explain, head_attributions
+from .self_repair import analyze_self_repair
 
-__all__ = ["stability", "StabilityResult", "plot_stability", "MEASURES"]
+__all__ = ["stability", "StabilityResult", "MEASURES"]
 
 MEASURES = ("self_repair_share", "head_attr_grad", "head_attr_gim", "token_attr_grad", "token_attr_gim",
             "sr_kept", "sr_kept_query")
@@ -170,9 +173,7 @@ def stability(model, task: Task, *, edits: Sequence[str] = tuple(EDITS), n_varia
               batch_size: Optional[int] = None, progress: bool = False) -> StabilityResult:
     """Stability of self-repair shares, head attributions and token attributions under each edit kind
     (module docstring). Raises ``EditError`` for unknown edit kinds or a model without a tokenizer."""
-    from tqdm.auto import tqdm
-
-    kinds = _check_edits(edits)
+    kinds = check_edits(edits)
     if not isinstance(task, Task):
         raise TypeError(f"stability needs a selfrepair.Task, got {type(task).__name__}; build one with "
                         "selfrepair.tasks.load(...).")
@@ -304,24 +305,3 @@ def stability(model, task: Task, *, edits: Sequence[str] = tuple(EDITS), n_varia
         variants=cat(vars_, ["edit", "variant", "origin", "n_tokens", "position", "text", "details"]),
         settings=settings,
     )
-
-
-def plot_stability(result: StabilityResult):
-    """Per measure, the value and its 95% interval for each edit kind (plotly)."""
-    import plotly.graph_objects as go
-
-    t = result.table
-    fig = go.Figure()
-    for kind in result.settings.get("edits", sorted(t["edit"].unique())):
-        d = t[t["edit"] == kind]
-        fig.add_trace(go.Scatter(
-            x=d["measure"], y=d["value"], mode="markers", name=f"{kind} (impossible: "
-            f"{result.n_impossible.get(kind, 0)})",
-            error_y=dict(type="data", symmetric=False, array=(d["hi"] - d["value"]).to_numpy(),
-                         arrayminus=(d["value"] - d["lo"]).to_numpy()),
-            customdata=d["n"], hovertemplate="%{x}: %{y:.3f} (n=%{customdata})"))
-    fig.update_layout(title=f"Stability under meaning-preserving edits ({result.settings.get('task_name')}, "
-                            f"{result.settings.get('n_variants')} variants per prompt)",
-                      xaxis_title="measure", yaxis_title="Spearman / share kept", scattermode="group",
-                      yaxis_range=[-1.05, 1.05])
-    return fig

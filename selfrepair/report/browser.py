@@ -73,7 +73,7 @@ def element_screenshot(page: Union[str, Path], png: Union[str, Path], element_id
     """A PNG of one element of ``page`` (e.g. ``block-groups``: the groups table and its drill-down) after the
     page is ready and ``fragment`` applied; needs Playwright (``pip install playwright``), driving the local
     Chromium (no browser download)."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # optional: a test extra, only for screenshots
 
     exe = find_chromium()
     if exe is None:

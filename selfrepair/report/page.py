@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import argparse
 import sys
 import time
 import warnings
@@ -39,12 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import jinja2
 import numpy as np
 import pandas as pd
+import plotly.io as pio
+from markupsafe import Markup
+from plotly.offline import get_plotlyjs
 
 # existing code, imported only here (re-point these lines when the package layout changes)
-from selfrepair import __version__ as SELFREPAIR_VERSION
-from selfrepair import plots
+from .._io import atomic_write
+from .._version import __version__ as SELFREPAIR_VERSION
+from ..analysis.results import overall_sweep
+from . import figures as plots
 
 __all__ = [
     "build_report", "report_main", "register_section", "unregister_section", "sections", "Section",
@@ -257,7 +264,7 @@ def _cap_joint_vs_sum(run: Run, *, effects: str = "local") -> str:
 
 
 def _cap_sweep(run: Run) -> str:
-    sw = plots._overall_sweep(run.tables["sweep"]).sort_values("threshold")
+    sw = overall_sweep(run.tables["sweep"]).sort_values("threshold")
     if not len(sw) or not np.isfinite(sw["fraction"].astype(float)).any():
         return "No group has a defined ratio, so the share flagged is undefined at every threshold."
     x = sw["threshold"].to_numpy(float)
@@ -518,7 +525,6 @@ def _script_js(code: str) -> str:
 
 
 def _figure_json(fig) -> str:
-    import plotly.io as pio
 
     fig = fig.to_dict() if hasattr(fig, "to_dict") else fig
     lay = fig.setdefault("layout", {})
@@ -667,8 +673,6 @@ def build_report(run_dir: Union[str, Path], *, out: Union[str, Path, None] = Non
     page once; the page then needs that file). ``strict``: raise when a figure
     or caption fails instead of showing the error in its place.
     """
-    import jinja2
-    from markupsafe import Markup
 
     if plotlyjs not in ("inline", "directory"):
         raise ValueError(f"plotlyjs must be 'inline' or 'directory', got {plotlyjs!r}")
@@ -707,15 +711,13 @@ def build_report(run_dir: Union[str, Path], *, out: Union[str, Path, None] = Non
                              autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     if plotlyjs == "inline":
-        from plotly.offline import get_plotlyjs
 
         plotly_inline, plotly_src = _script_js(get_plotlyjs()), None
     else:
         js = out.parent / "plotly.min.js"
         if not js.exists():
-            from plotly.offline import get_plotlyjs
 
-            plots.atomic_write(js, lambda tmp: tmp.write_text(get_plotlyjs(), encoding="utf-8"))
+            atomic_write(js, lambda tmp: tmp.write_text(get_plotlyjs(), encoding="utf-8"))
         plotly_inline, plotly_src = None, "plotly.min.js"
     task = dict(sm.get("task") or {})
     ctx = dict(
@@ -744,7 +746,7 @@ def build_report(run_dir: Union[str, Path], *, out: Union[str, Path, None] = Non
             if f["json"] is not None:
                 f["json"] = Markup(f["json"])
     text = env.get_template("report.html.j2").render(**ctx)
-    plots.atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
 
@@ -777,7 +779,6 @@ def add_report_arguments(parser) -> None:
 def report_cli(argv: Optional[Sequence[str]] = None) -> int:
     """``selfrepair report RUN_DIR [--plotlyjs inline|directory]`` without the main parser; returns the exit
     status."""
-    import argparse
 
     ap = argparse.ArgumentParser(prog="selfrepair report", description=REPORT_HELP)
     add_report_arguments(ap)

@@ -17,7 +17,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import selfrepair
-from selfrepair.probe import norm_freeze_hooks
+from selfrepair.analysis.gim import norm_freeze_hooks
 
 TOKS = torch.tensor([[1, 17, 42, 7, 99, 42, 7, 150]])
 
@@ -104,7 +104,7 @@ def _optional(module: str, name: str):
 
 
 def test_smoke_gim(llama_like):
-    gim = _optional("selfrepair.gim", "gim")
+    gim = _optional("selfrepair.analysis.gim", "gim")
     emb = llama_like.embed(TOKS).detach().requires_grad_(True)
     with gim(llama_like):
         out = llama_like.run_with_hooks(TOKS, fwd_hooks=[("hook_embed", lambda x, hook: emb)])
@@ -113,7 +113,7 @@ def test_smoke_gim(llama_like):
 
 
 def test_smoke_analyze_self_repair(gpt_like):
-    analyze = _optional("selfrepair.self_repair", "analyze_self_repair")
+    analyze = _optional("selfrepair.analysis.self_repair", "analyze_self_repair")
     from selfrepair import tasks
 
     task = tasks.load("induction", gpt_like, n=2)

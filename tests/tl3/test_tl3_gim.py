@@ -17,8 +17,8 @@ except Exception:  # TL 4 removed HookedTransformer
     pytest.skip("needs TransformerLens 3.x (HookedTransformer)", allow_module_level=True)
 
 import selfrepair
-from selfrepair.attribution import explain
-from selfrepair.gim import gim
+from selfrepair.analysis import explain
+from selfrepair.analysis.gim import gim
 from selfrepair.tasks import Task
 
 T = 2.0

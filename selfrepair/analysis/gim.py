@@ -1,4 +1,4 @@
-"""GIM (SPEC, "GIM"): backward-only gradient modifications through TransformerLens hooks.
+"""GIM (docs/quantities.md, "GIM"): backward-only gradient modifications through TransformerLens hooks.
 
 ``with gim(model): ...`` leaves every forward value unchanged and changes the
 backward pass of anything computed inside the block:
@@ -56,9 +56,11 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from ._devices import analysis_dtype as _out_dtype
+from .._devices import analysis_dtype as _out_dtype
+from ..models.norm_freeze import freeze_hooks
+from ..models.probe import Backend, probe
 
-__all__ = ["gim", "GIMHookError", "tsg_scores_grad", "tsg_pattern_grad"]
+__all__ = ["gim", "GIMHookError", "tsg_scores_grad", "tsg_pattern_grad", "norm_freeze_hooks"]
 
 
 class GIMHookError(RuntimeError):
@@ -89,7 +91,7 @@ def tsg_scores_grad(scores: torch.Tensor, grad_pattern: torch.Tensor, temperatur
 def tsg_pattern_grad(pattern: torch.Tensor, grad_pattern: torch.Tensor, temperature: float) -> torch.Tensor:
     """The pattern gradient ``g' = s * (g - <s, g>) / p`` (0 where p = 0), ``s = p^(1/T) / sum p^(1/T)``,
     that the true softmax backward ``p * (g' - <p, g'>)`` maps to the TSG gradient ``s * (g - <s, g>)``
-    (SPEC, "GIM"). Computed in float32 or better; returned in that dtype."""
+    (docs/quantities.md, "GIM"). Computed in float32 or better; returned in that dtype."""
     return _tsg_from_pattern(pattern.detach().clamp_min(0), grad_pattern, float(temperature))
 
 
@@ -387,7 +389,6 @@ def _freeze_norm(hooks: _HookSet, model, backend) -> Iterator[None]:
     """The probe's norm-freeze hooks: ``hook_scale.detach()``, or where the backend would then
     rebuild the norm output (HF Llama bridges) a straight-through edit at ``hook_normalized``
     that keeps the forward bit-identical (``probe.norm_freeze_hooks``)."""
-    from .probe import norm_freeze_hooks
 
     if not tuple(backend.norm_scale_hooks or ()):
         raise GIMHookError("gim: freeze_norm=True but the backend lists no norm scale hooks (hook_scale); "
@@ -395,7 +396,7 @@ def _freeze_norm(hooks: _HookSet, model, backend) -> Iterator[None]:
     err = float(getattr(backend, "norm_detach_rel_err", 0.0) or 0.0)
     if getattr(backend, "norm_freeze_method", "detach_scale") == "detach_scale" and err > 1e-6:
         warnings.warn(f"gim: freezing the norms moves this model's logits by {err:.2g} (relative), more than the "
-                      "1e-6 SPEC allows: the backend rebuilds the norm from the detached scale in other "
+                      "1e-6 docs/quantities.md ('GIM') allows: the backend rebuilds the norm from the detached scale in other "
                       "arithmetic. Gradients are still those of a frozen scale.")
     for name, fn in norm_freeze_hooks(model, backend):
         m = _LAYER.match(name)
@@ -437,7 +438,7 @@ def gim(
     up_scale: Optional[float] = 0.5,
     backend=None,
 ) -> Iterator[None]:
-    """GIM backward pass for everything computed inside the block (module docstring; SPEC "GIM").
+    """GIM backward pass for everything computed inside the block (module docstring; docs/quantities.md, "GIM").
 
     ``temperature``: TSG temperature T (> 0); ``freeze_norm``: detach every norm
     scale; ``q/k/v_scale``: gradient multipliers at ``hook_q/k/v``;
@@ -457,7 +458,6 @@ def gim(
     scales = {k: _check_scale(k, v) for k, v in
               dict(q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale).items()}
     if backend is None:
-        from .probe import probe
 
         backend = probe(model)
     # gated if the probe measured two branches OR the model's config says so (the probe may miss them)
@@ -486,3 +486,15 @@ def gim(
                     stack.enter_context(_scale_site(hooks, backend, comp, template, scales[comp]))
         yield
         hooks.check()
+
+
+def norm_freeze_hooks(model, backend: Optional[Backend] = None) -> list:
+    """Forward hooks that treat every LN/RMS scale as a constant in the backward pass (GIM rule 2).
+
+    The forward is unchanged: bit-identical where the probe verified it
+    (``backend.norm_freeze_method == "straight_through"``, or a detach the backend
+    applies without recomputing), else within ``backend.norm_detach_rel_err``.
+    Use as ``with model.hooks(fwd_hooks=norm_freeze_hooks(model)): ...``.
+    """
+    b = backend or probe(model)
+    return freeze_hooks(b.norm_scale_hooks, b.n_layers, b.norm_type, b.norm_freeze_method)

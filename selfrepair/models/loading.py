@@ -24,6 +24,7 @@ else CPU); without ``dtype`` they are float32 (a checkpoint keeps its saved dtyp
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
@@ -34,9 +35,12 @@ from urllib.parse import urlparse
 
 import torch
 
-__all__ = ["load_model", "DEFAULT_MODEL_DIR", "ModelLoadError", "is_bridge", "is_hooked_transformer"]
+from .llama2c import llama2c_to_hf
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "data" / "default_model"
+__all__ = ["load_model", "DEFAULT_MODEL_DIR", "ModelLoadError", "is_bridge", "is_hooked_transformer",
+           "model_kind"]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "default_model"
 
 #: seconds to wait for the Hub host before declaring it unreachable
 HUB_CONNECT_TIMEOUT = 3.0
@@ -60,7 +64,7 @@ class ModelLoadError(RuntimeError):
 def is_bridge(model: Any) -> bool:
     """True for a TL 4 ``TransformerBridge`` (without importing TL 4-only symbols eagerly)."""
     try:
-        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge import TransformerBridge  # optional: TransformerLens differs between 3.x and 4.x
     except Exception:  # TL 3.x without the bridge
         return False
     return isinstance(model, TransformerBridge)
@@ -132,7 +136,7 @@ def _default_device() -> str:
 
 def _is_hf_config(x) -> bool:
     try:
-        from transformers import PretrainedConfig
+        from transformers import PretrainedConfig  # heavy: only where a Hugging Face model is built
     except Exception:
         return False
     return isinstance(x, PretrainedConfig)
@@ -140,7 +144,7 @@ def _is_hf_config(x) -> bool:
 
 def _is_hf_model(x) -> bool:
     try:
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # heavy: only where a Hugging Face model is built
     except Exception:
         return False
     return isinstance(x, PreTrainedModel)
@@ -163,8 +167,8 @@ def _bridge_from_hf(hf_model, *, tokenizer, device, dtype, name: Optional[str] =
     hf_model.eval()
     if not _has_bridge():
         return _hooked_from_hf(hf_model, tokenizer, device, dtype, name)
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-    from transformer_lens.utilities.attn_implementation import force_eager_attention
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module  # optional: TransformerLens differs between 3.x and 4.x
+    from transformer_lens.utilities.attn_implementation import force_eager_attention  # optional: TransformerLens differs between 3.x and 4.x
 
     # Eager attention makes hook_attn_scores / hook_pattern fire (sdpa never materialises them).
     force_eager_attention(hf_model)
@@ -198,7 +202,7 @@ def _has_bridge() -> bool:
 def _hooked_from_hf(hf_model, tokenizer, device, dtype, name):
     """TL 3.x fallback: convert an HF model into a HookedTransformer."""
     try:
-        from transformer_lens import HookedTransformer
+        from transformer_lens import HookedTransformer  # optional: TransformerLens differs between 3.x and 4.x
     except Exception as e:
         raise ModelLoadError(
             "this TransformerLens has neither TransformerBridge nor HookedTransformer"
@@ -214,9 +218,7 @@ def _hooked_from_hf(hf_model, tokenizer, device, dtype, name):
 
 
 def _from_config(config, device, dtype):
-    import copy
-
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: only where a Hugging Face model is built
 
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"
@@ -233,7 +235,7 @@ def _from_config(config, device, dtype):
 def _quiet_progress():
     """No "Loading weights" bar for a checkpoint that loads in a second; restores the user's setting."""
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # heavy: only where a Hugging Face model is built
     except Exception:
         yield
         return
@@ -251,7 +253,7 @@ def _has_tokenizer(d: Path) -> bool:
 
 
 def _load_dir(d: Path, device, dtype, name: Optional[str] = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only where a Hugging Face model is built
 
     if not (d / "config.json").is_file():
         raise ModelLoadError(
@@ -295,7 +297,6 @@ def _load_path_or_name(spec, device, dtype):
         return _load_dir(p, device, dtype)
     if p.is_file():
         if p.suffix == ".bin":
-            from .llama2c import llama2c_to_hf
 
             hf_model = llama2c_to_hf(p)
             return _bridge_from_hf(
@@ -344,7 +345,7 @@ def _hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT) -> bool:
 
 def _cached_snapshot(name: str) -> Optional[Path]:
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional: only when checking the local Hugging Face cache
     except Exception:
         return None
     try:
@@ -375,7 +376,7 @@ def _load_hub(name: str, device, dtype):
     if not _hub_reachable():
         raise ModelLoadError(_offline_message(name, "the Hub is unreachable and it is not in the local cache"))
     if not _has_bridge():
-        from transformer_lens import HookedTransformer
+        from transformer_lens import HookedTransformer  # optional: TransformerLens differs between 3.x and 4.x
 
         kwargs = {}
         if device is not None:
@@ -383,7 +384,7 @@ def _load_hub(name: str, device, dtype):
         if dtype is not None:
             kwargs["dtype"] = dtype
         return HookedTransformer.from_pretrained(name, **kwargs)
-    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge import TransformerBridge  # optional: TransformerLens differs between 3.x and 4.x
 
     kwargs = {}
     if device is not None:
@@ -395,3 +396,21 @@ def _load_hub(name: str, device, dtype):
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(_offline_message(name, f"{type(e).__name__}: {first}")) from None
+
+
+def model_kind(model) -> str:
+    if is_hooked_transformer(model):
+        return "tl3"
+    if is_bridge(model):
+        try:
+            from transformers import PreTrainedModel  # heavy; absent under TL 3-only installs
+
+            if isinstance(getattr(model, "original_model", None), PreTrainedModel):
+                return "bridge-hf"
+        except Exception:
+            pass
+        return "bridge-native"
+    raise TypeError(
+        f"probe supports TransformerBridge (TL 4) and HookedTransformer (TL 3) models, got "
+        f"{type(model).__name__}"
+    )

@@ -164,7 +164,7 @@ def interleaved_to_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def llama2c_to_hf(path: Union[str, os.PathLike], *, dtype: torch.dtype = torch.float32):
     """Convert a llama2.c checkpoint in memory to an HF ``LlamaForCausalLM`` (eval mode, eager attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: only where a Hugging Face model is built
 
     hdr, a = read_llama2c(path)
     config = LlamaConfig(

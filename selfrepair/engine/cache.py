@@ -1,6 +1,6 @@
 """One cached run: a forward pass (and one backward pass of ``sum_prompts m``) per batch.
 
-Everything the closed-form self-repair analysis needs (SPEC, Notation), per
+Everything the closed-form self-repair analysis needs (docs/quantities.md, "Notation"), per
 requested layer ``l``:
 
 - ``scores[l]``  ``a``  [batch, head, q, k]: the pre-softmax scores from the live
@@ -32,9 +32,10 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ._typing import Bool, Float, Int, Tensor
-from .tasks import Task
-from ._devices import model_device as _model_device, model_dtype as _model_float_dtype
+from .._devices import model_device as _model_device, model_dtype as _model_float_dtype
+from .._typing import Bool, Float, Int, Tensor
+from ..models.probe import resolve_backend
+from ..tasks import Task, validate_task
 
 
 @dataclass
@@ -63,7 +64,7 @@ class CachedRun:
 
     def rows(self, prompt, layer: int, head, query) -> tuple:
         """The tensors of rows ``(prompt, layer, head, query)`` (prompt indices within this run), shaped for
-        ``selfrepair.self_repair.local_effects``: ``(scores [R, n], values [R, n, d_head], grad [R, d_head],
+        ``selfrepair.analysis.local_effects``: ``(scores [R, n], values [R, n, d_head], grad [R, d_head],
         mask [R, n])``. ``layer`` is one int; the others are ints or 1-D integer tensors."""
         if layer not in self.scores or layer not in self.values:
             raise KeyError(f"layer {layer} was not cached with scores and values (cached: {list(self.scores)}).")
@@ -98,13 +99,6 @@ def _smallest_positive(dtype: torch.dtype) -> float:
     return float(torch.nextafter(z, torch.ones((), dtype=dtype)))
 
 
-def _get_backend(model, backend):
-    if backend is not None:
-        return backend
-    from .probe import probe  # lazy: the probe module is optional at import time
-    return probe(model)
-
-
 def check_backend(backend) -> None:
     """Raise unless ``backend`` offers a live site for score ablations and a live ``hook_z``."""
     site = getattr(backend, "score_site", None)
@@ -119,8 +113,6 @@ def check_backend(backend) -> None:
             "live (edits there do not move the output); the analysis cannot read exact scores.")
     if not backend.pattern_hook or not backend.z_hook or not backend.v_hook:
         raise RuntimeError("the backend has no hook_pattern / hook_z / hook_v site; cannot analyse attention.")
-
-
 
 
 def cached_run(
@@ -142,19 +134,15 @@ def cached_run(
     restricts what is stored (``"scores"``, ``"pattern"``, ``"values"``,
     ``"z"``) to save memory; ``grad_z`` is kept whenever ``backward``.
     """
-    backend = _get_backend(model, backend)
+    backend = resolve_backend(model, backend)
     check_backend(backend)
     n_layers, n_heads = backend.n_layers, backend.n_heads
     layers = tuple(range(n_layers)) if layers is None else tuple(int(l) for l in layers)
     for l in layers:
         if not 0 <= l < n_layers:
             raise ValueError(f"layer {l} out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
-    if len(task) == 0:
-        raise ValueError("empty task: give at least one prompt.")
+    validate_task(task, model)
     n = int(task.lengths.max())
-    if n > backend.n_ctx:
-        raise ValueError(f"task prompts have up to {n} tokens but the model's context is {backend.n_ctx}; "
-                         "shorten the prompts.")
     keep = set(keep)
     unknown = keep - {"scores", "pattern", "values", "z"}
     if unknown:
@@ -226,6 +214,25 @@ def cached_run(
             grads = torch.autograd.grad(m.sum(), [z_live[l] for l in layers], allow_unused=True)
         del logits, m
 
+    scores, pattern, values, zd, gz = _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev,
+                                                 tiny_log, n_heads, dtype, n_underflow)
+    raw.clear()
+    z_live.clear()
+
+    return CachedRun(
+        layers=layers, score_site=site, scores=scores, pattern=pattern, values=values, z=zd, grad_z=gz,
+        metric=metric.to(dtype), mask=mask_dev, lengths=task.lengths.to(device), positions=task.positions.to(device),
+        n_heads=n_heads, n_kv_heads=backend.n_kv_heads, n_underflow=n_underflow)
+
+
+def _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev, tiny_log, n_heads, dtype, n_underflow):
+    """What the hooks saved, per layer: scores (-inf at masked keys; log p on pattern sites), pattern,
+    values expanded to query heads, z and dm/dz, cast to ``dtype``."""
+    backward = grads is not None
+
+    def cast(x: Tensor) -> Tensor:
+        return x.detach().to(dtype=dtype)
+
     scores, pattern, values, zd, gz = {}, {}, {}, {}, ({} if backward else None)
     for idx, l in enumerate(layers):
         if site == "scores" and "scores" in keep:
@@ -256,10 +263,4 @@ def cached_run(
         if backward:
             g = grads[idx]
             gz[l] = torch.zeros_like(z_live[l], dtype=dtype) if g is None else cast(g)
-    raw.clear()
-    z_live.clear()
-
-    return CachedRun(
-        layers=layers, score_site=site, scores=scores, pattern=pattern, values=values, z=zd, grad_z=gz,
-        metric=metric.to(dtype), mask=mask_dev, lengths=task.lengths.to(device), positions=task.positions.to(device),
-        n_heads=n_heads, n_kv_heads=backend.n_kv_heads, n_underflow=n_underflow)
+    return scores, pattern, values, zd, gz

@@ -1,13 +1,13 @@
 """Figures of a self-repair study: each function takes a result and returns a plotly Figure.
 
 Nothing here shows a figure or touches the model's hooks: the functions take a
-:class:`~selfrepair.self_repair.SelfRepairResult` (or its ``groups``
+:class:`~selfrepair.analysis.SelfRepairResult` (or its ``groups``
 DataFrame, or another table of the study) and return a
 ``plotly.graph_objects.Figure``. :func:`save_figure` writes one as interactive
 HTML and as PNG (through kaleido 1.x, which drives a local Chrome/Chromium;
 no network needed).
 
-Sign convention (SPEC): every effect is ``m(clean) - m(ablated)`` in metric
+Sign convention (docs/quantities.md, "Notation"): every effect is ``m(clean) - m(ablated)`` in metric
 units (logit difference by default), so a positive effect means the ablation
 lowers the metric. A group self-repairs when its interaction ratio
 ``r = (E_S - sum_n E_n) / E_S`` exceeds the threshold (0.1 by default).
@@ -37,16 +37,21 @@ The figures:
 from __future__ import annotations
 
 import os
-import unicodedata
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from ._io import atomic_write
+from .._io import atomic_write
+from ..analysis.attention_row import attention_row_data
+from ..analysis.estimates import agreement
+from ..analysis.results import groups_of, keys_str, overall_sweep, settings_of
 
 __all__ = [
     "plot_joint_vs_sum",
@@ -55,14 +60,13 @@ __all__ = [
     "plot_threshold_sweep",
     "plot_local_vs_global",
     "plot_head_ranking",
-    "attention_row_data",
-    "pick_row",
     "plot_attention_row",
-    "token_attribution_table",
     "plot_token_attributions",
+    "plot_stability",
     "save_figure",
     "save_figures",
     "FigureExportError",
+    "png_size",
     "atomic_write",
 ]
 
@@ -86,41 +90,16 @@ class FigureExportError(RuntimeError):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _groups(result) -> pd.DataFrame:
-    """The groups table of a SelfRepairResult or a DataFrame given directly."""
-    df = getattr(result, "groups", result)
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"expected a SelfRepairResult or its groups DataFrame, got {type(result).__name__}")
-    return df
-
-
-def _settings(result) -> dict:
-    """The analysis settings (and its meta: n_layers, n_heads, metric) carried by a result or a table's attrs."""
-    out = {}
-    for obj in (result, getattr(result, "groups", None)):
-        if obj is None:
-            continue
-        for src in (getattr(obj, "meta", None), getattr(obj, "settings", None)):
-            if isinstance(src, Mapping):
-                out.update(src)
-        attrs = getattr(obj, "attrs", None)
-        if isinstance(attrs, Mapping):
-            for key in ("meta", "settings"):
-                if isinstance(attrs.get(key), Mapping):
-                    out.update(attrs[key])
-    return out
-
-
 def _threshold(result, threshold: Optional[float]) -> float:
     if threshold is not None:
         return float(threshold)
-    return float(_settings(result).get("threshold", 0.1))
+    return float(settings_of(result).get("threshold", 0.1))
 
 
 def _units(result, units: Optional[str]) -> str:
     if units:
         return units
-    s = _settings(result)
+    s = settings_of(result)
     metric = s.get("metric")
     if metric is None:
         task = s.get("task")
@@ -139,13 +118,6 @@ def _require(df: pd.DataFrame, cols: Iterable[str], what: str):
         raise ValueError(f"{what} needs the column(s) {', '.join(missing)}{hint}; the table has {', '.join(map(str, df.columns))}")
 
 
-def _keys_str(keys) -> str:
-    try:
-        return "(" + ", ".join(str(int(k)) for k in keys) + ")"
-    except TypeError:
-        return str(keys)
-
-
 def _hover(df: pd.DataFrame, extra: Sequence[tuple[str, str, str]] = ()) -> list[str]:
     """Hover text per group: prompt, layer, head, query, keys, then ``extra`` (label, column, format)."""
     out = []
@@ -160,7 +132,7 @@ def _hover(df: pd.DataFrame, extra: Sequence[tuple[str, str, str]] = ()) -> list
         if cols["query"] is not None:
             parts.append(f"query {cols['query'][i]}")
         if cols["keys"] is not None:
-            parts.append(f"keys {_keys_str(cols['keys'][i])}")
+            parts.append(f"keys {keys_str(cols['keys'][i])}")
         s = ", ".join(parts)
         for lab, vals, fmt in ex:
             v = vals[i]
@@ -173,9 +145,8 @@ def _hover(df: pd.DataFrame, extra: Sequence[tuple[str, str, str]] = ()) -> list
 
 
 def _agreement(estimate, effect, **kw) -> dict:
-    """:func:`selfrepair.attribution.agreement` (Spearman, sign agreement, top-k overlap), the numbers
+    """:func:`selfrepair.analysis.agreement` (Spearman, sign agreement, top-k overlap), the numbers
     ``compare_estimates`` reports."""
-    from .attribution import agreement
 
     return agreement(np.asarray(estimate, dtype=float), np.asarray(effect, dtype=float), **kw)
 
@@ -208,7 +179,7 @@ def _seq_sum(col: pd.Series) -> np.ndarray:
 
 
 def _repairs(r: np.ndarray, t: float) -> np.ndarray:
-    """``self_repair`` at the plotted threshold: ``r > t`` where r is defined (SPEC)."""
+    """``self_repair`` at the plotted threshold: ``r > t`` where r is defined (docs/quantities.md, "Individual versus joint")."""
     return np.isfinite(r) & (r > t)
 
 
@@ -236,7 +207,7 @@ def plot_joint_vs_sum(result, *, effects: str = "local", threshold: Optional[flo
     ``r`` at or above its ``percentile``-th percentile are ringed. ``effects``:
     ``"local"`` (softmax part, head-local) or ``"global"`` (real forward passes).
     """
-    df = _groups(result)
+    df = groups_of(result)
     t = _threshold(result, threshold)
     if effects == "local":
         _require(df, ["effect_sum", "effect_joint", "interaction"], "plot_joint_vs_sum")
@@ -277,7 +248,7 @@ def plot_joint_vs_sum(result, *, effects: str = "local", threshold: Optional[flo
                                  name=f"top {100 - percentile:g}% of r (r >= {p:.3g})",
                                  marker=dict(symbol="circle-open", size=11, color=TOP_COLOR, line=dict(width=1.5)),
                                  text=hover[top], hovertemplate="%{text}<extra>top r</extra>"))
-    k = _settings(result).get("k")
+    k = settings_of(result).get("k")
     what = f"top-{k} keys" if k else "top keys"
     n_def, n = int(defined.sum()), len(df)
     frac = sr.sum() / n_def if n_def else float("nan")
@@ -302,7 +273,7 @@ def plot_estimates(result, *, truth: str = "local", estimates: Optional[Sequence
     self-repair. ``truth``: ``"local"`` (``effect_joint``, the softmax part the
     estimates linearise) or ``"global"`` (``global_effect_joint``).
     """
-    df = _groups(result)
+    df = groups_of(result)
     tcol = {"local": "effect_joint", "global": "global_effect_joint"}.get(truth)
     if tcol is None:
         raise ValueError(f"truth must be 'local' or 'global', got {truth!r}")
@@ -317,7 +288,7 @@ def plot_estimates(result, *, truth: str = "local", estimates: Optional[Sequence
     x = df[tcol].to_numpy(float)
     sr = _repairs(df["interaction"].to_numpy(float), t)
     label = {"grad_estimate": "plain gradient", "tsg_estimate": "TSG (T = {T})", "gim_estimate": "GIM"}
-    T = _settings(result).get("temperature", 2.0)
+    T = settings_of(result).get("temperature", 2.0)
     titles = []
     for c in estimates:
         a = _agreement(df[c], x)
@@ -365,9 +336,9 @@ def plot_head_heatmaps(result, *, n_layers: Optional[int] = None, n_heads: Optio
     cell); the median is on a diverging scale centred at 0. Empty cells: no
     group with a defined ratio at that head.
     """
-    df = _groups(result)
+    df = groups_of(result)
     _require(df, ["layer", "head", "interaction"], "plot_head_heatmaps")
-    s = _settings(result)
+    s = settings_of(result)
     n_layers = int(n_layers or s.get("n_layers") or (df["layer"].max() + 1 if len(df) else 1))
     n_heads = int(n_heads or s.get("n_heads") or (df["head"].max() + 1 if len(df) else 1))
     t = _threshold(result, threshold)
@@ -403,11 +374,6 @@ def plot_head_heatmaps(result, *, n_layers: Optional[int] = None, n_heads: Optio
 DEFAULT_SWEEP = tuple(np.round(np.r_[0.0, np.geomspace(0.01, 2.0, 24)], 4))
 
 
-def _overall_sweep(sw: pd.DataFrame) -> pd.DataFrame:
-    """The overall rows of a sweep table (``sweep(by_layer=True)`` adds per-layer rows with a ``layer``)."""
-    return sw[sw["layer"].isna()] if "layer" in sw.columns and sw["layer"].isna().any() else sw
-
-
 def plot_threshold_sweep(result, *, thresholds: Optional[Sequence[float]] = None,
                          threshold: Optional[float] = None) -> go.Figure:
     """Fraction of groups flagged self-repairing as a function of the threshold, with its 95% interval.
@@ -426,7 +392,7 @@ def plot_threshold_sweep(result, *, thresholds: Optional[Sequence[float]] = None
     else:
         raise TypeError("plot_threshold_sweep takes a SelfRepairResult or a sweep DataFrame")
     _require(sw, ["threshold", "fraction", "ci_low", "ci_high", "n_defined"], "plot_threshold_sweep")
-    sw = _overall_sweep(sw).sort_values("threshold")
+    sw = overall_sweep(sw).sort_values("threshold")
     x = sw["threshold"].to_numpy(float)
     f = sw["fraction"].to_numpy(float)
     fig = go.Figure()
@@ -456,7 +422,7 @@ def plot_local_vs_global(result, *, threshold: Optional[float] = None, units: Op
     y = x (points above it gain interaction downstream of the head). Right: the
     ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)`` per layer.
     """
-    df = _groups(result)
+    df = groups_of(result)
     _require(df, ["effect_joint", "effect_sum", "interaction", "global_effects", "global_effect_joint",
                   "downstream_gap"], "plot_local_vs_global")
     t = _threshold(result, threshold)
@@ -540,150 +506,6 @@ def plot_head_ranking(heads: pd.DataFrame, *, top: Optional[int] = None, units: 
 # ----------------------------------------------------------------------------- 7. one row made visible
 
 
-def _token_text(model, ids: Sequence[int], max_len: int = 10) -> list[str]:
-    """Readable text of each token (whitespace made visible, at most ``max_len`` characters); ``#id`` without a tokenizer."""
-    tok = getattr(model, "tokenizer", None)
-    out = []
-    for i in ids:
-        i = int(i)
-        s = None
-        if tok is not None:
-            try:
-                s = tok.decode([i])
-            except Exception:
-                s = None
-        if s is None:
-            s = f"#{i}"
-        s = s.replace("\n", "\u23ce").replace("\t", "\u21e5").replace(" ", "\u00b7")
-        # other control / unassigned characters as escapes (kaleido's PNG export fails on them)
-        s = "".join(ch if unicodedata.category(ch)[0] != "C" else ascii(ch)[1:-1] for ch in s)
-        if len(s) > max_len:
-            s = s[: max_len - 1] + "\u2026"
-        out.append(s if s else f"#{i}")
-    return out
-
-
-def pick_row(result) -> pd.Series:
-    """A clear example of self-repair: among the self-repairing groups whose individual effects all have the
-    sign of the joint effect (when there are any), the one with the largest interaction in metric units,
-    ``|E_S - sum E_n|``.
-
-    Falls back to the group with the largest defined r when none self-repairs,
-    and to the first group when no ratio is defined.
-    """
-    df = _groups(result)
-    if len(df) == 0:
-        raise ValueError("the result has no groups to show")
-    sr = df["self_repair"].fillna(False).astype(bool) if "self_repair" in df.columns else pd.Series(False, index=df.index)
-    ej = df["effect_joint"].astype(float)
-    score = (ej - df["effect_sum"].astype(float)) * np.sign(ej)
-    same_sign = pd.Series([bool(np.all(np.sign(np.asarray(e, float)) == np.sign(j))) for e, j in zip(df["effects"], ej)],
-                          index=df.index)
-    for cand in (sr & same_sign, sr):
-        if cand.any():
-            return df.loc[score[cand].idxmax()]
-    r = df["interaction"].astype(float)
-    if r.notna().any():
-        return df.loc[r.idxmax()]
-    return df.iloc[0]
-
-
-def _row_scores(model, task, prompt: int, layer: int, head: int, query: int):
-    """The score row ``a`` (float64, keys 0..query) of one head at one query, from one cached forward.
-
-    :func:`selfrepair.cache.cached_run` reads the backend's live score site, or
-    ``log p`` where the backend only exposes the pattern (the scores up to a
-    per-row constant, which mean ablation and knockout both ignore; SPEC).
-    """
-    import torch
-
-    from .cache import cached_run
-
-    run = cached_run(model, task.subset([prompt]), layers=[layer], backward=False, dtype=torch.float64,
-                     keep=("scores",))
-    return run.scores[layer][0, head, query, : query + 1].cpu()
-
-
-def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Series] = None, *,
-                       ablation: Optional[str] = None, exclude_bos: Optional[bool] = None,
-                       min_weight: float = 0.005, max_keys: int = 40) -> pd.DataFrame:
-    """Attention weights of one analysed row: clean, after each individual ablation, after the joint one.
-
-    Recomputed in closed form from the row's scores (one forward pass of that
-    prompt): ``p = softmax(a)``; mean ablation sets ``a'_j = mean(a_k)`` over
-    the row's unmasked keys (key 0 left out when ``exclude_bos``), knockout
-    removes the keys (SPEC). ``row``: a group (Series/dict with prompt, layer,
-    head, query, keys), its index in ``result.groups``, or None for
-    :func:`pick_row`. Keys whose weight is below ``min_weight`` in every
-    condition are pooled into one "other keys" bar (at most ``max_keys`` keys
-    are shown, the ablated ones always).
-
-    Returns a long table: ``condition, order, position, token, weight,
-    ablated, effect, global_effect`` plus the group's ``prompt, layer, head,
-    query, keys, interaction``.
-    """
-    import torch
-
-    df = _groups(result)
-    s = _settings(result)
-    if row is None:
-        g = pick_row(df)
-    elif isinstance(row, (int, np.integer)):
-        g = df.loc[int(row)]
-    else:
-        g = pd.Series(dict(row))
-    ablation = ablation or s.get("ablation", "mean")
-    exclude_bos = bool(s.get("exclude_bos", False)) if exclude_bos is None else bool(exclude_bos)
-    p_i, l, h, q = int(g["prompt"]), int(g["layer"]), int(g["head"]), int(g["query"])
-    keys = [int(k) for k in g["keys"]]
-    a = _row_scores(model, task, p_i, l, h, q)  # [q + 1], keys 0..q (causal; no padding before the last real token)
-    ref = torch.arange(q + 1)
-    if exclude_bos:
-        ref = ref[ref != 0]
-
-    def ablated(S):
-        b = a.clone()
-        if ablation == "mean":
-            b[S] = a[ref].mean()
-        elif ablation == "knockout":
-            b[S] = -torch.inf
-        else:
-            raise ValueError(f"unknown ablation {ablation!r}; valid: 'mean', 'knockout'")
-        return torch.softmax(b, 0)
-
-    effects = list(np.asarray(g.get("effects", [np.nan] * len(keys)), dtype=float))
-    geff = list(np.asarray(g["global_effects"], dtype=float)) if "global_effects" in g and g["global_effects"] is not None else [np.nan] * len(keys)
-    conds = [("clean run", [], np.nan, np.nan)]
-    for n_, j in enumerate(keys):
-        conds.append((f"ablate key {j}", [j], effects[n_] if n_ < len(effects) else np.nan,
-                      geff[n_] if n_ < len(geff) else np.nan))
-    conds.append((f"ablate keys {_keys_str(keys)} jointly", keys, float(g.get("effect_joint", np.nan)),
-                  float(g.get("global_effect_joint", np.nan)) if "global_effect_joint" in g else np.nan))
-    P = torch.stack([torch.softmax(a, 0) if not S else ablated(S) for _, S, _, _ in conds]).numpy()  # [cond, q+1]
-    show = set(np.nonzero((P >= min_weight).any(0))[0].tolist()) | set(keys)
-    if len(show) > max_keys:
-        rank = np.argsort(-P.max(0))
-        show = set(keys) | set(rank[: max(0, max_keys - len(keys))].tolist())
-    show = sorted(show)
-    text = _token_text(model, task.tokens[p_i, : q + 1].tolist())
-    rows = []
-    for ci, (name, S, e, ge) in enumerate(conds):
-        for j in show:
-            rows.append(dict(condition=name, order=ci, position=j, token=f"{j}: {text[j]}", weight=float(P[ci, j]),
-                             ablated=j in S, effect=e, global_effect=ge))
-        rest = [j for j in range(q + 1) if j not in show]
-        if rest:
-            rows.append(dict(condition=name, order=ci, position=-1, token=f"other keys ({len(rest)})",
-                             weight=float(P[ci, rest].sum()), ablated=False, effect=e, global_effect=ge))
-    out = pd.DataFrame(rows)
-    out["prompt"], out["layer"], out["head"], out["query"] = p_i, l, h, q
-    out["keys"] = _keys_str(keys)
-    out["query_token"] = text[q]
-    out["interaction"] = float(g.get("interaction", np.nan))
-    out["ablation"] = ablation
-    return out
-
-
 def plot_attention_row(data, model=None, task=None, row=None, *, units: str = "logit difference") -> go.Figure:
     """One analysed row made visible: bars of attention weight over the context tokens, per condition.
 
@@ -692,12 +514,17 @@ def plot_attention_row(data, model=None, task=None, row=None, *, units: str = "l
     metric (local, and global when measured), so the reader sees the softmax
     hand the weight of an ablated key to the others and the joint ablation
     cost more than the individual ones added up. ``data``: the table of
-    :func:`attention_row_data`, or a result (then ``model`` and ``task`` are
-    needed to recompute the row).
+    :func:`selfrepair.analysis.attention_row_data` (figures draw tables; they
+    never run a model). Passing a result with ``model`` and ``task`` still
+    works for one release, with a DeprecationWarning.
     """
     if not (isinstance(data, pd.DataFrame) and "condition" in data.columns):
         if model is None or task is None:
-            raise ValueError("plot_attention_row needs the attention_row_data table, or a result with model= and task=")
+            raise ValueError("plot_attention_row needs the table of selfrepair.analysis.attention_row_data(model, "
+                             "task, result); build it first and pass it as data")
+        warnings.warn("plot_attention_row(result, model, task) is deprecated and will be removed in the next release: "
+                      "pass selfrepair.analysis.attention_row_data(model, task, result, row) instead.",
+                      DeprecationWarning, stacklevel=2)
         data = attention_row_data(model, task, data, row)
     conds = data.drop_duplicates("order").sort_values("order")
     nrow = len(conds)
@@ -744,30 +571,6 @@ def plot_attention_row(data, model=None, task=None, row=None, *, units: str = "l
 
 
 # ----------------------------------------------------------------------------- 8. token attributions
-
-
-def token_attribution_table(model, task, attributions: Mapping[str, Any], prompts: Optional[Sequence[int]] = None) -> pd.DataFrame:
-    """Long table of token attributions: ``prompt, position, token, is_metric_position`` and one column per method.
-
-    ``attributions``: ``{"grad": [batch, pos] tensor, "gim": ...}`` as
-    :func:`selfrepair.explain` returns them. Padding is dropped; positions after
-    the metric position are kept (their attribution is 0 in a causal model).
-    """
-    prompts = range(len(task)) if prompts is None else prompts
-    rows = []
-    mats = {k: np.asarray(v.detach().float().cpu() if hasattr(v, "detach") else v, dtype=float)
-            for k, v in attributions.items()}
-    for p in prompts:
-        n = int(task.lengths[p])
-        ids = task.tokens[p, :n].tolist()
-        text = _token_text(model, ids)
-        mpos = int(task.positions[p])
-        for j in range(n):
-            r = dict(prompt=int(p), position=j, token_id=int(ids[j]), token=text[j], is_metric_position=(j == mpos))
-            for k, m in mats.items():
-                r[k] = float(m[p, j])
-            rows.append(r)
-    return pd.DataFrame(rows)
 
 
 def plot_token_attributions(table: pd.DataFrame, prompt: Optional[int] = None, *, methods: Optional[Sequence[str]] = None,
@@ -819,24 +622,20 @@ def _html(fig: go.Figure, path: Path, include_plotlyjs):
     if include_plotlyjs == "directory":
         js = path.parent / "plotly.min.js"
         if not js.exists():
-            from plotly.offline import get_plotlyjs
-
             _atomic_write_text(js, get_plotlyjs())
     _atomic_write_text(path, fig.to_html(include_plotlyjs=include_plotlyjs, full_html=True))
 
 
-def _png_sizes(fig: go.Figure) -> tuple[int, int]:
+def png_size(fig: go.Figure) -> tuple[int, int]:
     return int(fig.layout.width or DEFAULT_SIZE[0]), int(fig.layout.height or DEFAULT_SIZE[1])
 
 
 def _write_pngs(figs: Sequence[go.Figure], paths: Sequence[Path], scale: float):
-    import plotly.io as pio
-
     tmps = [p.with_name(f".{p.name}.tmp.png") for p in paths]
     try:
         try:
             pio.write_images(list(figs), [str(t) for t in tmps], format="png", scale=scale,
-                             width=[_png_sizes(f)[0] for f in figs], height=[_png_sizes(f)[1] for f in figs])
+                             width=[png_size(f)[0] for f in figs], height=[png_size(f)[1] for f in figs])
         except Exception as e:  # kaleido raises its own ChromeNotFoundError etc.
             name = type(e).__name__
             if "Chrome" in name or "chrome" in str(e).lower() or "browser" in str(e).lower():
@@ -883,3 +682,23 @@ def save_figures(figs: Mapping[str, go.Figure], out_dir: Union[str, Path], *, pn
         _write_pngs(list(figs.values()), paths, scale)
         written.extend(paths)
     return written
+
+
+def plot_stability(result) -> go.Figure:
+    """Per measure, the value and its 95% interval for each edit kind (plotly)."""
+
+    t = result.table
+    fig = go.Figure()
+    for kind in result.settings.get("edits", sorted(t["edit"].unique())):
+        d = t[t["edit"] == kind]
+        fig.add_trace(go.Scatter(
+            x=d["measure"], y=d["value"], mode="markers", name=f"{kind} (impossible: "
+            f"{result.n_impossible.get(kind, 0)})",
+            error_y=dict(type="data", symmetric=False, array=(d["hi"] - d["value"]).to_numpy(),
+                         arrayminus=(d["value"] - d["lo"]).to_numpy()),
+            customdata=d["n"], hovertemplate="%{x}: %{y:.3f} (n=%{customdata})"))
+    fig.update_layout(title=f"Stability under meaning-preserving edits ({result.settings.get('task_name')}, "
+                            f"{result.settings.get('n_variants')} variants per prompt)",
+                      xaxis_title="measure", yaxis_title="Spearman / share kept", scattermode="group",
+                      yaxis_range=[-1.05, 1.05])
+    return fig

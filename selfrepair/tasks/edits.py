@@ -63,8 +63,8 @@ import pandas as pd
 import torch
 
 # imports of existing code (re-point here when the layout changes)
-from selfrepair import Task
-from selfrepair.training import heldout_text
+from .base import Task
+from .heldout import heldout_text
 
 __all__ = ["EDITS", "EditedTask", "edit_task", "EditError", "align_tokens"]
 
@@ -470,7 +470,7 @@ EDITS: Dict[str, Callable] = {"rename": _rename, "comments": _comments, "blank_l
                               "spacing": _spacing}
 
 
-def _check_edits(edits) -> List[str]:
+def check_edits(edits) -> List[str]:
     if isinstance(edits, str):
         edits = [edits]
     edits = list(edits)
@@ -580,7 +580,7 @@ def edit_task(task: Task, model_or_tokenizer, edits: Union[str, Sequence[str]] =
     Variants longer than the model's context (when a model is given) are
     rejected like invalid ones. Seeded: the same inputs give the same variants.
     """
-    kinds = _check_edits(edits)
+    kinds = check_edits(edits)
     if not isinstance(n_variants, int) or isinstance(n_variants, bool) or n_variants < 1:
         raise EditError(f"n_variants must be a positive int, got {n_variants!r}.")
     tok = _get_tokenizer(model_or_tokenizer)

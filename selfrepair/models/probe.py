@@ -46,9 +46,11 @@ from typing import Literal, Optional
 
 import torch
 
-from ._devices import model_device
+from .._devices import model_device
+from .loading import model_kind
+from .norm_freeze import freeze_hooks, straight_through_hooks
 
-__all__ = ["Backend", "probe", "ProbeError", "norm_freeze_hooks"]
+__all__ = ["Backend", "probe", "cached_backend", "resolve_backend", "ProbeError"]
 
 
 class ProbeError(RuntimeError):
@@ -157,6 +159,19 @@ def probe(model, *, refresh: bool = False) -> Backend:
     return backend
 
 
+def cached_backend(model) -> Optional[Backend]:
+    """The Backend ``probe`` already measured for ``model``, or None (never runs a new probe)."""
+    try:
+        return _CACHE.get(model)
+    except TypeError:
+        return None
+
+
+def resolve_backend(model, backend: Optional[Backend] = None) -> Backend:
+    """``backend`` when given, else ``probe(model)`` (cached per model)."""
+    return backend if backend is not None else probe(model)
+
+
 # ============================================================================ implementation
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -166,32 +181,12 @@ def _template(name: str) -> str:
     return _LAYER_RE.sub("blocks.{layer}.", name)
 
 
-def _kind(model) -> str:
-    from .loading import is_bridge, is_hooked_transformer
-
-    if is_hooked_transformer(model):
-        return "tl3"
-    if is_bridge(model):
-        try:
-            from transformers import PreTrainedModel
-
-            if isinstance(getattr(model, "original_model", None), PreTrainedModel):
-                return "bridge-hf"
-        except Exception:
-            pass
-        return "bridge-native"
-    raise TypeError(
-        f"probe supports TransformerBridge (TL 4) and HookedTransformer (TL 3) models, got "
-        f"{type(model).__name__}"
-    )
-
-
 class _Prober:
     T = 8  # tokens in the probe forward
 
     def __init__(self, model):
         self.m = model
-        self.kind = _kind(model)
+        self.kind = model_kind(model)
         cfg = model.cfg
         self.cfg = cfg
         self.n_layers = int(cfg.n_layers)
@@ -294,13 +289,30 @@ class _Prober:
         return float((a - b).abs().max()) <= tol * ref
 
     # ------------------------------------------------------------------ the probe
-    def run(self) -> Backend:
-        m, L = self.m, self.L
-        self.collect()
-        t = lambda s: s.format(layer=L)  # noqa: E731
-        A = "blocks.{layer}.attn."
+    A = "blocks.{layer}.attn."
 
-        # --- pattern / z / q / k / v: must fire
+    def t(self, template: str) -> str:
+        """``template`` at the probed layer."""
+        return template.format(layer=self.L)
+
+    def run(self) -> Backend:
+        """Every measurement in order, then the Backend they describe."""
+        self.collect()
+        att = self._attention_sites()
+        kv_head_of = self._kv_heads(att)
+        scores = self._scores_site(att)
+        score_q_hook, score_k_hook, attn_scale = self._score_qk_hooks(att, scores, kv_head_of)
+        inputs = self._qkv_inputs()
+        norm_type, norm_hooks, detach_err, freeze_method = self._norms()
+        gated, gate_hook, up_hook = self._mlp()
+        sal = self._start_at_layer()
+        self._check_every_layer(att, scores, inputs, gate_hook, up_hook)
+        return self._backend(att, kv_head_of, scores, (score_q_hook, score_k_hook, attn_scale), inputs,
+                             (norm_type, norm_hooks, detach_err, freeze_method), (gated, gate_hook, up_hook), sal)
+
+    def _attention_sites(self) -> dict:
+        """pattern / z / q / k / v must fire, and edits at pattern and z must reach the output."""
+        A, t = self.A, self.t
         for nm in ("hook_pattern", "hook_z", "hook_q", "hook_k", "hook_v"):
             if not self.present(t(A + nm)):
                 raise ProbeError(
@@ -309,7 +321,6 @@ class _Prober:
                 )
         pat = self.cache[t(A + "hook_pattern")]
         z = self.cache[t(A + "hook_z")]
-        q = self.cache[t(A + "hook_q")]
         k = self.cache[t(A + "hook_k")]
         v = self.cache[t(A + "hook_v")]
         n_heads, d_head = int(pat.shape[1]), int(z.shape[-1])
@@ -329,24 +340,30 @@ class _Prober:
                     f"(output moved: {moved}, gradient: {grad}); this model offers no live {nm} site"
                 )
         qkv_live = all(all(self.live(t(A + nm), self.noise(self.cache[t(A + nm)]))) for nm in ("hook_q", "hook_k", "hook_v"))
+        return dict(pat=pat, z=z, v=v, n_heads=n_heads, d_head=d_head, n_kv=n_kv, causal=causal, qkv_live=qkv_live)
 
-        # --- kv head serving each query head: z_h = p_h @ v_g
+    def _kv_heads(self, att: dict) -> list:
+        """The kv head serving each query head: ``z_h = p_h @ v_g``."""
+        pat, z, v = att["pat"], att["z"], att["v"]
         kv_head_of = []
-        for h in range(n_heads):
+        for h in range(att["n_heads"]):
             errs = [
                 float((torch.einsum("qk,kd->qd", pat[0, h].float(), v[0, :, g].float()) - z[0, :, h].float()).abs().max())
-                for g in range(n_kv)
+                for g in range(att["n_kv"])
             ]
-            g = int(min(range(n_kv), key=lambda i: errs[i]))
+            g = int(min(range(att["n_kv"]), key=lambda i: errs[i]))
             if errs[g] > 1e-4 * (float(z.abs().max()) + 1e-12):
                 raise ProbeError(
                     f"hook_z of head {h} is not pattern @ hook_v for any kv head (best error {errs[g]:.3g}); "
                     "cannot relate values to heads on this model"
                 )
             kv_head_of.append(g)
+        return kv_head_of
 
-        # --- scores hook: live? a pattern in disguise?
-        sname = t(A + "hook_attn_scores")
+    def _scores_site(self, att: dict) -> dict:
+        """The scores hook: live? a pattern in disguise? the value it holds at masked keys."""
+        causal = att["causal"]
+        sname = self.t(self.A + "hook_attn_scores")
         scores_hook, scores_live, is_pattern, masked_value = None, False, False, None
         sc = self.cache.get(sname)
         if sc is not None:
@@ -358,11 +375,16 @@ class _Prober:
             if not is_pattern:
                 masked_value = float(sc[0, 0, 0, 1]) if self.T > 1 else None
                 if scores_live:
-                    scores_hook = A + "hook_attn_scores"
-        # --- q/k hooks that reproduce the scores
+                    scores_hook = self.A + "hook_attn_scores"
+        return dict(sc=sc, hook=scores_hook, live=scores_live, is_pattern=is_pattern, masked_value=masked_value)
+
+    def _score_qk_hooks(self, att: dict, scores: dict, kv_head_of: list):
+        """The q / k hooks (and scale) whose ``einsum(q, k) / scale`` reproduces the scores (or the pattern)."""
+        t, causal, sc, is_pattern = self.t, att["causal"], scores["sc"], scores["is_pattern"]
+        n_heads, d_head, pat = att["n_heads"], att["d_head"], att["pat"]
         score_q_hook = score_k_hook = attn_scale = None
         rep = torch.tensor(kv_head_of, device=self.device)
-        cands = [(A + "hook_rot_q", A + "hook_rot_k"), (A + "hook_q", A + "hook_k")]
+        cands = [(self.A + "hook_rot_q", self.A + "hook_rot_k"), (self.A + "hook_q", self.A + "hook_k")]
         scales = [math.sqrt(d_head)]
         cfg_scale = getattr(self.cfg, "attn_scale", None)
         if isinstance(cfg_scale, (int, float)) and cfg_scale > 0:
@@ -387,9 +409,11 @@ class _Prober:
                     break
             if attn_scale is not None:
                 break
+        return score_q_hook, score_k_hook, attn_scale
 
-        # --- q / k / v input hooks
-        resid = t("blocks.{layer}.hook_resid_pre")
+    def _qkv_inputs(self) -> dict:
+        """The hooks on the inputs of the q / k / v projections (switching split inputs on if needed)."""
+        resid = self.t("blocks.{layer}.hook_resid_pre")
         inputs = {}
         if self.present(resid):
             g0, _ = self.grad_at(resid)
@@ -403,57 +427,56 @@ class _Prober:
                         inputs[which] = self._find_input(which, resid, g0)
         else:
             inputs = {"q": None, "k": None, "v": None}
+        return inputs
 
-        # --- norms
-        norm_type, norm_hooks, detach_err, freeze_method = self._norms()
-
-        # --- MLP
-        gated, gate_hook, up_hook = self._mlp()
-
-        # --- start_at_layer
-        sal = self._start_at_layer()
-
-        # --- every template must name a hook point in every layer; live sites stay live at the last layer
+    def _check_every_layer(self, att: dict, scores: dict, inputs: dict, gate_hook, up_hook) -> None:
+        """Every template must name a hook point in every layer; live sites stay live at the last layer."""
+        A, causal, pat, z = self.A, att["causal"], att["pat"], att["z"]
         last = self.n_layers - 1
         required = [A + "hook_q", A + "hook_k", A + "hook_v", A + "hook_pattern", A + "hook_z"]
-        optional = dict(scores=scores_hook, gate=gate_hook, up=up_hook, **{f"{w}_input": inputs[w] for w in "qkv"})
+        optional = dict(scores=scores["hook"], gate=gate_hook, up=up_hook, **{f"{w}_input": inputs[w] for w in "qkv"})
         for tpl in required + [x for x in optional.values() if x]:
-            missing = [i for i in range(self.n_layers) if tpl.format(layer=i) not in m.hook_dict]
+            missing = [i for i in range(self.n_layers) if tpl.format(layer=i) not in self.m.hook_dict]
             if missing:
                 raise ProbeError(f"hook point {tpl} is missing in layers {missing}; the model's blocks differ")
-        if last != L:
+        if last != self.L:
             checks = [(A + "hook_pattern", self.noise(pat) * causal), (A + "hook_z", self.noise(z))]
-            if scores_live:
-                checks.append((A + "hook_attn_scores", self.noise(sc.masked_fill(~causal, 0)) * causal))
+            if scores["live"]:
+                checks.append((A + "hook_attn_scores", self.noise(scores["sc"].masked_fill(~causal, 0)) * causal))
             for tpl, d in checks:
                 if not all(self.live(tpl.format(layer=last), d)):
                     if tpl.endswith("hook_attn_scores"):
                         self.notes.append(f"scores edits are not live at layer {last}; using the pattern site")
-                        scores_live, scores_hook = False, None
+                        scores["live"], scores["hook"] = False, None
                     else:
                         raise ProbeError(f"{tpl.format(layer=last)}: edits there do not reach the output")
 
+    def _backend(self, att, kv_head_of, scores, score_qk, inputs, norms, mlp, sal) -> Backend:
+        A = self.A
+        score_q_hook, score_k_hook, attn_scale = score_qk
+        norm_type, norm_hooks, detach_err, freeze_method = norms
+        gated, gate_hook, up_hook = mlp
         arch = getattr(self.cfg, "architecture", None) or getattr(self.cfg, "original_architecture", None)
         if not arch:
-            arch = type(m).__name__
+            arch = type(self.m).__name__
         return Backend(
             kind=self.kind,
             architecture=str(arch),
             n_layers=self.n_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            d_head=d_head,
+            n_heads=att["n_heads"],
+            n_kv_heads=att["n_kv"],
+            d_head=att["d_head"],
             d_model=self.d_model,
             d_vocab=self.d_vocab,
             n_ctx=self.n_ctx,
             q_hook=A + "hook_q",
             k_hook=A + "hook_k",
             v_hook=A + "hook_v",
-            scores_hook=scores_hook,
+            scores_hook=scores["hook"],
             pattern_hook=A + "hook_pattern",
             z_hook=A + "hook_z",
-            scores_live=scores_live,
-            score_site="scores" if scores_live else "pattern",
+            scores_live=scores["live"],
+            score_site="scores" if scores["live"] else "pattern",
             q_input_hook=inputs["q"],
             k_input_hook=inputs["k"],
             v_input_hook=inputs["v"],
@@ -463,13 +486,13 @@ class _Prober:
             gate_hook=gate_hook,
             up_hook=up_hook,
             supports_start_at_layer=sal,
-            scores_hook_is_pattern=is_pattern,
-            masked_score_value=masked_value,
+            scores_hook_is_pattern=scores["is_pattern"],
+            masked_score_value=scores["masked_value"],
             score_q_hook=score_q_hook,
             score_k_hook=score_k_hook,
             attn_scale=attn_scale,
             kv_head_of=tuple(kv_head_of),
-            qkv_live=qkv_live,
+            qkv_live=att["qkv_live"],
             norm_detach_rel_err=detach_err,
             norm_freeze_method=freeze_method,
             enabled=tuple(self.enabled),
@@ -579,7 +602,7 @@ class _Prober:
                 self.notes.append(f"detaching {name} does not remove exactly the scale's gradient path")
             # straight-through freeze at hook_normalized (value untouched)
             if self.present(base + ".hook_normalized") and x_name == base + ".hook_in":
-                hooks = _st_hooks(base, kind)
+                hooks = straight_through_hooks(base, kind)
                 g_st, logits = self.grad_at(x_name, extra=hooks)
                 if torch.equal(logits, self.clean) and frozen_ok(g_st):
                     st_ok.append(tpl)
@@ -589,11 +612,11 @@ class _Prober:
         if len(set(types)) > 1:
             self.notes.append(f"mixed norm types {types}; reporting the first")
         # forward with every scale frozen, all layers: exactly the hooks norm_freeze_hooks will install
-        logits = self.forward(_freeze_hooks(verified, self.n_layers, types[0], "detach_scale"))
+        logits = self.forward(freeze_hooks(verified, self.n_layers, types[0], "detach_scale"))
         detach_err = self.rel(logits.detach(), self.clean)
         method = "detach_scale"
         if detach_err > 0 and st_ok and len(st_ok) == len(templates):
-            logits = self.forward(_freeze_hooks(verified, self.n_layers, types[0], "straight_through"))
+            logits = self.forward(freeze_hooks(verified, self.n_layers, types[0], "straight_through"))
             if torch.equal(logits.detach(), self.clean):
                 method = "straight_through"
         if method == "detach_scale" and detach_err > 1e-6:
@@ -691,57 +714,3 @@ class _Prober:
 # ============================================================================ norm freeze
 
 
-def _all_layers(templates, n_layers: int) -> list:
-    out = []
-    for tpl in templates:
-        if "{layer}" in tpl:
-            out.extend(tpl.format(layer=i) for i in range(n_layers))
-        else:
-            out.append(tpl)
-    return out
-
-
-def _st_hooks(base: str, kind: str) -> list:
-    """Straight-through norm freeze for one norm ``base`` (e.g. "blocks.0.ln1").
-
-    Records the input x at ``base.hook_in`` and the scale s at ``base.hook_scale`` (observe only), and
-    returns at ``base.hook_normalized`` ``n.detach() + (x_c - x_c.detach()) / s.detach()``: the same value
-    bit for bit (the added term is exactly 0), with the gradient of ``x_c / s`` for constant s.
-    """
-    box = {}
-
-    def grab_x(x, hook):
-        box["x"] = x
-
-    def grab_s(s, hook):
-        box["s"] = s
-
-    def replace(n, hook):
-        x, s = box.pop("x"), box.pop("s")
-        x = x.to(n.dtype) if x.dtype != n.dtype and n.dtype in (torch.float32, torch.float64) else x
-        xc = x - x.mean(-1, keepdim=True) if kind == "LN" else x
-        live = (xc - xc.detach()) / s.detach().to(xc.dtype)
-        return n.detach() + live.to(n.dtype)
-
-    return [(base + ".hook_in", grab_x), (base + ".hook_scale", grab_s), (base + ".hook_normalized", replace)]
-
-
-def norm_freeze_hooks(model, backend: Optional[Backend] = None) -> list:
-    """Forward hooks that treat every LN/RMS scale as a constant in the backward pass (GIM rule 2).
-
-    The forward is unchanged: bit-identical where the probe verified it
-    (``backend.norm_freeze_method == "straight_through"``, or a detach the backend
-    applies without recomputing), else within ``backend.norm_detach_rel_err``.
-    Use as ``with model.hooks(fwd_hooks=norm_freeze_hooks(model)): ...``.
-    """
-    b = backend or probe(model)
-    return _freeze_hooks(b.norm_scale_hooks, b.n_layers, b.norm_type, b.norm_freeze_method)
-
-
-def _freeze_hooks(scale_templates, n_layers: int, norm_type: str, method: str) -> list:
-    """The norm-freeze hooks for ``method`` on every layer of the given ``hook_scale`` templates
-    (the probe checks exactly these before choosing a method)."""
-    if method == "straight_through":
-        bases = [t[: -len(".hook_scale")] for t in scale_templates]
-        return [h for base in _all_layers(bases, n_layers) for h in _st_hooks(base, norm_type)]
-    return [(n, lambda t, hook: t.detach()) for n in _all_layers(scale_templates, n_layers)]

@@ -2,7 +2,7 @@
 
 Every ablation the toolkit measures globally acts on ONE head's output
 ``z = hook_z[batch, pos, n_heads, d_head]`` of one prompt, from some position on
-(SPEC, Global effects):
+(docs/quantities.md, "Global effects"):
 
 * a score ablation of keys S at ``(layer l, head h, query i)`` changes only row i
   of that head's pattern, so ``z_i' = z_i + sum_j (p'_j - p_j) v_j`` and nothing
@@ -11,7 +11,7 @@ Every ablation the toolkit measures globally acts on ONE head's output
 * a whole-head ablation replaces ``z`` at every position (``replace_z``).
 
 So the engine measures batches of "z edits" and returns, per edit,
-``m(clean) - m(edited)`` (SPEC sign: positive = the edit lowers the metric).
+``m(clean) - m(edited)`` (docs/quantities.md sign: positive = the edit lowers the metric).
 
 API
 ---
@@ -29,12 +29,12 @@ API
     entering each layer (``resid``, n_layers + 1 entries) and each layer's keys
     (after rotary) and values. Reusable across calls on the same model and task;
     a snapshot of the model (re-prepare after changing weights).
-``measure_z_edits(model, task, edits, *, batch_size=None, progress=True, clean=None, path="auto")``
+``measure_z_edits(model, task, edits, *, edits_per_forward=None, progress=True, clean=None, path="auto")``
     ``-> Float[Tensor, "n"]``: ``m(clean) - m(edited)`` per edit, float64 where the
     model is float64, else float32. Exactly 0, without a forward, for an edit
     that starts after the metric position P, or that sits in the last layer and
     ends before P (only position P of the last layer reaches the metric).
-    ``batch_size`` caps the edits per forward (default: what fits
+    ``edits_per_forward`` caps the edits per forward (default: what fits
     ``MEMORY_BUDGET``); results do not depend on it beyond rounding. With
     ``clean=None`` and a task whose cache would exceed ``CLEAN_BUDGET``, prompts
     are measured in groups.
@@ -42,8 +42,8 @@ API
     edits that SET z to ``value`` ``[n, span, d_head]`` (delta = value - clean z).
 ``flops(model, task, edits) -> dict``
     the FLOP model behind ``ideal_speedup`` (issue 6); see its docstring.
-``last_run``
-    dict about the latest ``measure_z_edits`` call: ``path`` ("fast" / "hooks"),
+``run_z_edits(...) -> EditRun``
+    the same effects (``.effects``) with what the engine did: ``path`` ("fast" / "hooks"),
     ``fast_kind``, ``reason`` (why not fast), ``edits``, ``skipped`` (exact zeros),
     ``forwards`` (batched forwards run), ``positions`` (edit-positions recomputed).
 
@@ -81,7 +81,7 @@ processing), other architectures.
 
 ``"hooks"`` (TL4 native bridges, a TL3 ``HookedTransformer``, other
 architectures, or any model carrying forward hooks): batched forwards with one
-hook at ``hook_z`` per edited layer (``z_hook`` from ``selfrepair.probe`` when
+hook at ``hook_z`` per edited layer (``z_hook`` from ``selfrepair.probe`` (``models/probe.py``) when
 it has already probed the model, else ``blocks.{layer}.attn.hook_z``); edits of
 different prompts and layers share a forward, rows being each prompt's tokens
 cut after the batch's largest metric position. ``start_at_layer`` is used only
@@ -110,12 +110,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._devices import analysis_dtype as _out_dtype, model_device as _model_device, model_dtype as _model_dtype
-from ._typing import Float, Int, Tensor
-from .probe import _CACHE as _PROBED, _kind
-from .tasks import Task
+from .._devices import analysis_dtype as _out_dtype, model_device as _model_device, model_dtype as _model_dtype
+from .._typing import Float, Int, Tensor
+from ..models.facts import ModelFacts, model_facts
+from ..tasks import Task, validate_task
+from .._deprecation import renamed_keyword
+from .forward import FastMismatch, FastModel, fast_support
 
-__all__ = ["ZEdits", "CleanRun", "prepare_clean", "measure_z_edits", "replace_z", "flops", "last_run",
+__all__ = ["ZEdits", "CleanRun", "EditRun", "prepare_clean", "measure_z_edits", "run_z_edits", "replace_z", "flops",
            "MEMORY_BUDGET", "CLEAN_BUDGET", "PATHS"]
 
 #: activation memory (bytes) one batched forward may use when batch_size is None
@@ -124,8 +126,6 @@ MEMORY_BUDGET = 256 * 2**20
 CLEAN_BUDGET = 2**30
 PATHS = ("auto", "fast", "hooks")
 
-#: description of the latest measure_z_edits call (path taken, forwards run, ...)
-last_run: Dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------- edits
@@ -196,49 +196,6 @@ class ZEdits:
 # --------------------------------------------------------------------------- model facts
 
 
-@dataclass(frozen=True)
-class _Dims:
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    d_vocab: int
-    d_mlp: int
-    gated: bool
-    kind: str            # backend kind: "bridge-hf", "bridge-native", "tl3"
-    architecture: str
-    z_hook: str
-
-
-def _cached_backend(model):
-    """The probe's Backend if ``selfrepair.probe`` has already measured this model (no new probe run:
-    probing costs forward/backward passes, and the engine needs only names it can read off the model)."""
-    return _PROBED.get(model)
-
-
-def _dims(model) -> _Dims:
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(model, "hooks"):
-        raise TypeError(f"measure_z_edits needs a TransformerLens model (TransformerBridge or HookedTransformer); "
-                        f"got {type(model).__name__}.")
-    be = _cached_backend(model)
-    n_heads = int(cfg.n_heads)
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
-    hf = model.__dict__.get("original_model")
-    arch = type(hf).__name__ if hf is not None else type(model).__name__
-    if be is not None:
-        kind, z_hook = be.kind, be.z_hook
-    else:
-        kind, z_hook = _kind(model), "blocks.{layer}.attn.hook_z"
-        if z_hook.format(layer=0) not in model.hook_dict:
-            raise ValueError(f"{type(model).__name__} has no hook {z_hook.format(layer=0)!r}; the global-effects "
-                             "engine edits head outputs there.")
-    d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * int(cfg.d_model))
-    return _Dims(int(cfg.n_layers), n_heads, int(n_kv), int(cfg.d_head), int(cfg.d_model), int(cfg.d_vocab), d_mlp,
-                 bool(getattr(cfg, "gated_mlp", False)), kind, arch, z_hook)
-
-
 def _has_user_fwd_hooks(model) -> bool:
     try:
         hd = model.hook_dict
@@ -248,268 +205,6 @@ def _has_user_fwd_hooks(model) -> bool:
 
 
 # --------------------------------------------------------------------------- fast path: our own forward
-
-
-def _orig(component):
-    """The wrapped HF module of a bridge component (the leaf that holds the weights)."""
-    oc = getattr(component, "original_component", None)
-    return oc if oc is not None else component
-
-
-class _Norm:
-    """Mirror of a bridge NormalizationBridge forward (hooks bypassed)."""
-
-    def __init__(self, bridge_norm, model_cfg):
-        self.mod = _orig(bridge_norm)
-        self.native = bool(getattr(bridge_norm, "use_native_layernorm_autograd", False)) or bool(
-            getattr(getattr(bridge_norm, "config", None), "layer_norm_folding", False))
-        self.rms = bool(bridge_norm.uses_rms_norm)
-        self.offset = bool(bridge_norm.uses_weight_offset)
-        self.eps = float(getattr(getattr(bridge_norm, "config", None) or model_cfg, "eps", 1e-5))
-        self.weight = getattr(self.mod, "weight", None)
-        self.bias = getattr(self.mod, "bias", None) if not self.rms else None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.native:
-            y = self.mod(x)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        dt = x.dtype
-        if not self.rms and not self.offset and dt in (torch.float32, torch.float64):
-            # the bridge's from-scratch LayerNorm, fused (same formula, rounding-level differences)
-            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        h = x if dt in (torch.float32, torch.float64) else x.float()
-        if not self.rms:
-            h = h - h.mean(-1, keepdim=True)
-        scale = (h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        h = h / scale
-        w = (1.0 + self.weight) if self.offset else self.weight
-        h = h * w
-        if self.bias is not None:
-            h = h + self.bias
-        return h.to(dt)
-
-
-class _FastModel:
-    """Our own forward for HF GPT-2 / Llama bridges, on the wrapped modules' weights."""
-
-    def __init__(self, model, kind: str, dims: _Dims):
-        self.kind, self.dims = kind, dims
-        cfg = model.cfg
-        self.blocks = []
-        for l, blk in enumerate(model.blocks):
-            attn = blk.attn
-            hf_attn = _orig(attn)
-            b = dict(ln1=_Norm(blk.ln1, cfg), ln2=_Norm(blk.ln2, cfg),
-                     q=_orig(attn.q), k=_orig(attn.k), v=_orig(attn.v), o=_orig(attn.o))
-            if kind == "gpt2":
-                mlp = _orig(blk.mlp)
-                b.update(fc=_orig(mlp.c_fc), proj=_orig(mlp.c_proj), act=_fast_act(mlp.act))
-                scale = dims.d_head ** (-0.5)
-                if getattr(hf_attn.config if hasattr(hf_attn, "config") else cfg, "scale_attn_by_inverse_layer_idx", False):
-                    scale /= float(l + 1)
-                b["scale"] = scale
-                b["upcast"] = bool(getattr(hf_attn, "reorder_and_upcast_attn", False))
-            else:
-                mlp = _orig(blk.mlp)
-                b.update(gate=_orig(mlp.gate_proj), up=_orig(mlp.up_proj), down=_orig(mlp.down_proj), act=mlp.act_fn)
-                b["scale"] = float(getattr(hf_attn, "scaling", dims.d_head ** (-0.5)))
-                b["upcast"] = True
-            self.blocks.append(b)
-        self.ln_f = _Norm(model.ln_final, cfg)
-        self.unembed = _orig(model.unembed)
-        hf = model.original_model
-        if kind == "gpt2":
-            self.wte, self.wpe = _orig(hf.transformer.wte), _orig(hf.transformer.wpe)
-            self.rotary = None
-        else:
-            self.wte, self.wpe = _orig(hf.model.embed_tokens), None
-            self.rotary = _orig(hf.model.rotary_emb)
-        self._cos_sin: Dict[Any, Any] = {}
-        dt = self.blocks[0]["q"].weight.dtype
-        softmax_in_model_dtype = (kind == "gpt2" and not any(b["upcast"] for b in self.blocks)) or (
-            kind == "llama" and dt == torch.float32)
-        self.use_sdpa = softmax_in_model_dtype and dt in (torch.float32, torch.float64)
-        # q, k, v as one matmul (a snapshot of the weights: CleanRun is a snapshot of the model)
-        for b in self.blocks:
-            ws = [b[nm].weight for nm in ("q", "k", "v")]
-            bs = [b[nm].bias for nm in ("q", "k", "v")]
-            b["w_qkv"] = torch.cat(ws, 0).detach()
-            b["b_qkv"] = torch.cat(bs, 0).detach() if all(x is not None for x in bs) else None
-            b["w_kv"], b["b_kv"] = b["w_qkv"][dims.n_heads * dims.d_head:], (
-                b["b_qkv"][dims.n_heads * dims.d_head:] if b["b_qkv"] is not None else None)
-
-    # --- pieces
-    def embed(self, tokens: Tensor) -> Tensor:
-        x = self.wte(tokens)
-        if self.wpe is not None:
-            pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
-            x = x + self.wpe(pos)
-        return x
-
-    def cos_sin(self, n_pos: int, like: Tensor):
-        key = (like.dtype, like.device)
-        cs = self._cos_sin.get(key)
-        if cs is None or cs[0].shape[1] < n_pos:
-            pos = torch.arange(max(n_pos, 1), device=like.device)[None]
-            cos, sin = self.rotary(like, pos)
-            cs = (cos.to(like.dtype), sin.to(like.dtype))
-            self._cos_sin[key] = cs
-        return cs
-
-    def qkv(self, l: int, x: Tensor, pos0: int, q_rows: Optional[slice] = None):
-        """q [.., Wq, H, dh], k, v [.., W, kvh, dh] (rotated) from normalised x [.., W, d]."""
-        b, D = self.blocks[l], self.dims
-        nq, nkv = D.n_heads * D.d_head, D.n_kv_heads * D.d_head
-        if q_rows is None:
-            qkv = F.linear(x, b["w_qkv"], b["b_qkv"])
-            q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
-        else:
-            q = b["q"](x[..., q_rows, :])
-            k, v = F.linear(x, b["w_kv"], b["b_kv"]).split([nkv, nkv], dim=-1)
-        q = q.unflatten(-1, (D.n_heads, D.d_head))
-        k = k.unflatten(-1, (D.n_kv_heads, D.d_head))
-        v = v.unflatten(-1, (D.n_kv_heads, D.d_head))
-        if self.rotary is not None:
-            W = x.shape[-2]
-            cos, sin = self.cos_sin(pos0 + W, x)
-            cos_k, sin_k = cos[0, pos0:pos0 + W, None, :], sin[0, pos0:pos0 + W, None, :]
-            k = k * cos_k + _rotate_half(k) * sin_k
-            if q_rows is None:
-                cq, sq = cos_k, sin_k
-            else:
-                cq, sq = cos_k[q_rows], sin_k[q_rows]
-            q = q * cq + _rotate_half(q) * sq
-        return q, k, v
-
-    def mlp(self, l: int, x: Tensor) -> Tensor:
-        b = self.blocks[l]
-        if self.kind == "gpt2":
-            return b["proj"](b["act"](b["fc"](x)))
-        return b["down"](b["act"](b["gate"](x)) * b["up"](x))
-
-    def softmax(self, l: int, scores: Tensor, v_dtype: torch.dtype) -> Tensor:
-        if self.blocks[l]["upcast"]:
-            return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v_dtype)
-        return torch.softmax(scores, dim=-1)
-
-    def attend(self, l: int, q: Tensor, k: Tensor, v: Tensor, Kp: Tensor, Vp: Tensor, win_mask: Tensor) -> Tensor:
-        """Attention of window queries over [clean prefix keys Kp, window keys k].
-
-        q [n, Wq, H, dh]; k, v [n, W, kvh, dh]; Kp, Vp [s0, kvh, dh] (one prompt's clean cache,
-        shared by the n edits); win_mask [Wq, W] (True = visible). Returns z [n, H, Wq, dh].
-        Where the bridge's softmax runs in the model dtype (GPT-2; Llama in float32), one fused
-        ``scaled_dot_product_attention``; otherwise scores are materialised and the softmax runs
-        in float32 exactly as the bridge does.
-        """
-        blk, D = self.blocks[l], self.dims
-        n, Wq, W, s0 = q.shape[0], q.shape[1], k.shape[1], Kp.shape[0]
-        rep = D.n_heads // D.n_kv_heads
-        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [n, heads, pos, dh]
-        if self.use_sdpa:
-            if s0 > 0:
-                kh = torch.cat([Kp.transpose(0, 1).expand(n, -1, -1, -1), kh], dim=2)
-                vh = torch.cat([Vp.transpose(0, 1).expand(n, -1, -1, -1), vh], dim=2)
-            mask = None
-            if Wq > 1:                                                          # one query (the last row): all visible
-                mask = torch.cat([win_mask.new_ones(Wq, s0), win_mask], dim=1) if s0 > 0 else win_mask
-            if rep > 1:
-                kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
-            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=blk["scale"])
-        if rep > 1:
-            kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
-        upc = blk["upcast"] and self.kind == "gpt2"
-        if upc:
-            qh, kh = qh.float(), kh.float()
-        s_win = torch.matmul(qh, kh.transpose(-2, -1)) * blk["scale"]          # [n, H, Wq, W]
-        s_win = s_win.masked_fill(~win_mask, torch.finfo(s_win.dtype).min)
-        if s0 == 0:
-            return torch.matmul(self.softmax(l, s_win, vh.dtype), vh)
-        H, dh = D.n_heads, D.d_head
-        if rep > 1:
-            Kp, Vp = Kp.repeat_interleave(rep, dim=1), Vp.repeat_interleave(rep, dim=1)
-        Kp, Vp = Kp.permute(1, 2, 0), Vp.permute(1, 0, 2)                      # [H, dh, s0], [H, s0, dh]
-        if upc:
-            Kp = Kp.float()
-        qf = qh.permute(1, 0, 2, 3).reshape(H, n * Wq, dh)                     # [H, n*Wq, dh]
-        s_pre = torch.matmul(qf, Kp).reshape(H, n, Wq, s0).permute(1, 0, 2, 3) * blk["scale"]
-        pat = self.softmax(l, torch.cat([s_pre, s_win], dim=-1), vh.dtype)
-        z = torch.matmul(pat[..., s0:], vh)
-        return z + torch.matmul(pat[..., :s0].permute(1, 0, 2, 3).reshape(H, n * Wq, s0), Vp).reshape(
-            H, n, Wq, dh).permute(1, 0, 2, 3)
-
-    def final_logits(self, h: Tensor) -> Tensor:
-        return self.unembed(self.ln_f(h))
-
-    # --- clean forward over whole prompts (caches everything the partial forwards need)
-    def clean_forward(self, tokens: Tensor):
-        D = self.dims
-        h = self.embed(tokens)
-        B, T, _ = h.shape
-        resid, zs, ks, vs = [h], [], [], []
-        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-        rep = D.n_heads // D.n_kv_heads
-        for l in range(D.n_layers):
-            blk = self.blocks[l]
-            x = blk["ln1"](h)
-            q, k, v = self.qkv(l, x, 0)
-            ks.append(k)
-            vs.append(v)
-            kk = k.repeat_interleave(rep, dim=2) if rep > 1 else k
-            vv = v.repeat_interleave(rep, dim=2) if rep > 1 else v
-            qh, kh, vh = q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2)   # [B, H, T, dh]
-            if blk["upcast"] and self.kind == "gpt2":
-                scores = torch.matmul(qh.float(), kh.float().transpose(-2, -1)) * blk["scale"]
-            else:
-                scores = torch.matmul(qh, kh.transpose(-2, -1)) * blk["scale"]
-            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            p = self.softmax(l, scores, vh.dtype)
-            z = torch.matmul(p, vh).transpose(1, 2)                                   # [B, T, H, dh]
-            zs.append(z)
-            h = h + blk["o"](z.flatten(-2))
-            h = h + self.mlp(l, blk["ln2"](h))
-            resid.append(h)
-        return resid, zs, ks, vs
-
-
-def _fast_act(act):
-    """HF's tanh-GELU module as one fused op (same formula; rounding-level differences only)."""
-    if type(act).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    return act
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _fast_support(model, dims: _Dims):
-    """(kind, None) when our own forward can stand in for this model, else (None, reason)."""
-    if dims.kind != "bridge-hf":
-        return None, f"backend {dims.kind!r} (the fast path covers HF-wrapped GPT-2 and Llama bridges)"
-    hf = model.__dict__.get("original_model")
-    name = type(hf).__name__
-    if name not in ("GPT2LMHeadModel", "LlamaForCausalLM"):
-        return None, f"architecture {name} (the fast path covers GPT2LMHeadModel and LlamaForCausalLM)"
-    if model.training:
-        return None, "model is in training mode (dropout); call model.eval()"
-    cfg = model.cfg
-    if getattr(cfg, "layer_norm_folding", False) or getattr(model, "_weights_processed", False):
-        return None, "processed (folded) weights"
-    for blk in model.blocks:
-        if getattr(blk.mlp, "_use_processed_weights", False):
-            return None, "processed weights in the MLP"
-    if name == "LlamaForCausalLM":
-        hc = hf.config
-        if getattr(hc, "pretraining_tp", 1) not in (None, 1):
-            return None, "Llama pretraining_tp > 1"
-        if dims.gated is False and not hasattr(_orig(model.blocks[0].mlp), "gate_proj"):
-            return None, "Llama MLP without gate_proj"
-        return "llama", None
-    hc = hf.config
-    if getattr(hc, "add_cross_attention", False):
-        return None, "GPT-2 with cross attention"
-    return "gpt2", None
 
 
 # --------------------------------------------------------------------------- clean run
@@ -541,19 +236,13 @@ class CleanRun:
             raise ValueError("clean= was prepared for a different task (tokens differ); call prepare_clean(model, task).")
 
 
-def _check_task(model, task: Task):
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a selfrepair Task; got {type(task).__name__}.")
-    task.validate(model)   # ids in the vocabulary, prompts and padding within the context
-
-
 def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional[int] = None) -> CleanRun:
     """One clean forward of ``task``, cached for ``measure_z_edits`` (which path: see the module docstring)."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}.")
-    dims = _dims(model)
-    _check_task(model, task)
-    kind, reason = _fast_support(model, dims)
+    dims = model_facts(model)
+    validate_task(task, model)
+    kind, reason = fast_support(model, dims)
     if kind is not None and path != "hooks" and _has_user_fwd_hooks(model):
         kind, reason = None, "the model carries forward hooks (the fast path would bypass them)"
     if path == "hooks":
@@ -563,23 +252,19 @@ def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional
     if kind is not None:
         try:
             return _prepare_fast(model, task, dims, kind, batch_size=batch_size)
-        except _FastMismatch as e:
+        except FastMismatch as e:
             if path == "fast":
                 raise ValueError(f"path='fast': our forward disagrees with the model's own forward ({e}); "
                                  "use path='auto' or 'hooks'.") from None
-            warnings.warn(f"selfrepair.ablation: fast path disagrees with the model's own forward ({e}); "
+            warnings.warn(f"selfrepair.engine: fast path disagrees with the model's own forward ({e}); "
                           "using the hook path.")
             reason = f"fast forward disagreed with the model's own forward ({e})"
     return _prepare_hooks(model, task, dims, reason, batch_size=batch_size)
 
 
-class _FastMismatch(RuntimeError):
-    pass
-
-
 @torch.no_grad()
-def _prepare_fast(model, task: Task, dims: _Dims, kind: str, *, batch_size) -> CleanRun:
-    fm = _FastModel(model, kind, dims)
+def _prepare_fast(model, task: Task, dims: ModelFacts, kind: str, *, batch_size) -> CleanRun:
+    fm = FastModel(model, kind, dims)
     dev, mdt = _model_device(model), _model_dtype(model)
     B, T = task.tokens.shape
     per_prompt = _bytes_per_token(dims, T, mdt) * T * 2
@@ -608,13 +293,13 @@ def _prepare_fast(model, task: Task, dims: _Dims, kind: str, *, batch_size) -> C
     # float64: GPT-2 is float64 throughout; HF Llama keeps its softmax and RMSNorm in float32
     tol = {torch.float64: 1e-9 if kind == "gpt2" else 1e-6, torch.float32: 1e-4}.get(mdt, 5e-2) * scale
     if not math.isfinite(diff) or diff > tol:
-        raise _FastMismatch(f"max |logit difference| {diff:.3g} > {tol:.3g} at the metric positions")
+        raise FastMismatch(f"max |logit difference| {diff:.3g} > {tol:.3g} at the metric positions")
     return CleanRun(path="fast", metric=metric, z=zs, positions=task.positions.clone(), fast_kind=kind,
                     resid=resid, k=ks, v=vs, check_max_abs_diff=diff, model_id=id(model),
                     tokens=task.tokens.clone(), _fm=fm)
 
 
-def _bytes_per_token(dims: _Dims, n_keys: int, dtype: torch.dtype, vocab: bool = False) -> int:
+def _bytes_per_token(dims: ModelFacts, n_keys: int, dtype: torch.dtype, vocab: bool = False) -> int:
     el = torch.finfo(dtype).bits // 8
     per = (10 * dims.d_model + (3 if dims.gated else 2) * dims.d_mlp + 4 * dims.n_heads * dims.d_head) * el
     per += dims.n_heads * n_keys * (2 * el + 4)     # scores, pattern (+ float32 softmax copy)
@@ -628,11 +313,11 @@ def _bytes_per_token(dims: _Dims, n_keys: int, dtype: torch.dtype, vocab: bool =
 
 class _StopForward(Exception):
     def __init__(self, value):
-        super().__init__("selfrepair.ablation: forward stopped after the last block")
+        super().__init__("selfrepair.engine: forward stopped after the last block")
         self.value = value
 
 
-def _hooks_forward(model, dims: _Dims, tokens: Tensor, positions: Tensor, fwd_hooks, mode: str,
+def _hooks_forward(model, dims: ModelFacts, tokens: Tensor, positions: Tensor, fwd_hooks, mode: str,
                    start_at_layer: Optional[int] = None, resid: Optional[Tensor] = None) -> Tensor:
     """Logits at ``positions`` [n, vocab] of a forward with ``fwd_hooks`` (ours only, removed on exit)."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)
@@ -660,7 +345,7 @@ def _unembed_rows(model, h: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _prepare_hooks(model, task: Task, dims: _Dims, reason: str, *, batch_size) -> CleanRun:
+def _prepare_hooks(model, task: Task, dims: ModelFacts, reason: str, *, batch_size) -> CleanRun:
     dev, mdt = _model_device(model), _model_dtype(model)
     od = _out_dtype(mdt)
     B, T = task.tokens.shape
@@ -718,7 +403,7 @@ def _saver(lst: List[Tensor]):
 # --------------------------------------------------------------------------- measuring
 
 
-def _validate(edits: ZEdits, task: Task, dims: _Dims):
+def _validate(edits: ZEdits, task: Task, dims: ModelFacts):
     if not isinstance(edits, ZEdits):
         raise TypeError(f"edits must be a ZEdits; got {type(edits).__name__}.")
     n = len(edits)
@@ -738,18 +423,56 @@ def _validate(edits: ZEdits, task: Task, dims: _Dims):
                          "shape must be [n, span, d_head].")
 
 
-def measure_z_edits(model, task: Task, edits: ZEdits, *, batch_size: Optional[int] = None, progress: bool = True,
-                    clean: Optional[CleanRun] = None, path: str = "auto") -> Float[Tensor, "n"]:
+@dataclass
+class EditRun:
+    """One ``run_z_edits`` call: the effects and what the engine did to measure them.
+
+    ``path`` ("fast" / "hooks"), ``fast_kind``, ``reason`` (why not fast), ``edits``, ``skipped`` (exact zeros,
+    no forward), ``forwards`` (batched forwards run), ``positions`` (edit-positions recomputed).
+    ``run["path"]`` reads a field like a dict.
+    """
+
+    effects: Float[Tensor, "n"]
+    path: str
+    fast_kind: Optional[str]
+    reason: str
+    edits: int
+    skipped: int = 0
+    forwards: int = 0
+    positions: int = 0
+
+    def info(self) -> Dict[str, Any]:
+        """The telemetry as a dict (everything but ``effects``)."""
+        return {k: getattr(self, k) for k in ("path", "fast_kind", "reason", "edits", "skipped", "forwards", "positions")}
+
+    def __getitem__(self, key: str):
+        return self.info()[key]
+
+
+def measure_z_edits(model, task: Task, edits: ZEdits, *, edits_per_forward: Optional[int] = None,
+                    progress: bool = True, clean: Optional[CleanRun] = None, path: str = "auto",
+                    **deprecated) -> Float[Tensor, "n"]:
     """``m(clean) - m(edited)`` per z edit, from real (batched, partial) forward passes.
 
-    ``batch_size``: edits per forward (default: what fits ``MEMORY_BUDGET``). ``clean``: a
-    ``prepare_clean(model, task)`` result to reuse. ``path``: "auto", "fast" or "hooks".
+    ``edits_per_forward``: edits per forward (default: what fits ``MEMORY_BUDGET``; the old name
+    ``batch_size`` still works, with a DeprecationWarning). ``clean``: a ``prepare_clean(model, task)``
+    result to reuse. ``path``: "auto", "fast" or "hooks". ``run_z_edits`` returns the same effects with
+    what the engine did.
     """
+    return run_z_edits(model, task, edits, edits_per_forward=edits_per_forward, progress=progress, clean=clean,
+                       path=path, **deprecated).effects
+
+
+def run_z_edits(model, task: Task, edits: ZEdits, *, edits_per_forward: Optional[int] = None, progress: bool = True,
+                clean: Optional[CleanRun] = None, path: str = "auto", **deprecated) -> EditRun:
+    """``measure_z_edits`` returning an :class:`EditRun`: the effects and the engine's telemetry."""
+    name = "batch_size" if "batch_size" in deprecated else "edits_per_forward"   # the name the caller used
+    batch_size = renamed_keyword(deprecated, "batch_size", "edits_per_forward", edits_per_forward, "measure_z_edits")
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}.")
     if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1 (or None for automatic); got {batch_size}.")
-    dims = _dims(model)
+        raise ValueError(f"{name} (edits per forward) must be >= 1 (or None for automatic); got {batch_size}.")
+    dims = model_facts(model)
     _validate(edits, task, dims)
     if clean is None:
         per_prompt = _clean_bytes(dims, task.tokens.shape[1], _model_dtype(model))
@@ -763,7 +486,7 @@ def measure_z_edits(model, task: Task, edits: ZEdits, *, batch_size: Optional[in
             if path == "fast":
                 raise ValueError("the model carries forward hooks, which the fast path would bypass; remove them "
                                  "or use path='auto' / 'hooks'.")
-            warnings.warn("selfrepair.ablation: the model now carries forward hooks; re-preparing the clean run "
+            warnings.warn("selfrepair.engine: the model now carries forward hooks; re-preparing the clean run "
                           "on the hook path so that they apply.")
             clean = prepare_clean(model, task, path="hooks")
         if path == "fast" and clean.path != "fast":
@@ -775,39 +498,37 @@ def measure_z_edits(model, task: Task, edits: ZEdits, *, batch_size: Optional[in
     od = _out_dtype(mdt)
     n = len(edits)
     out = torch.zeros(n, dtype=od)
-    last_run.clear()
-    last_run.update(path=clean.path, fast_kind=clean.fast_kind, reason=clean.reason, edits=n, forwards=0,
-                    skipped=0, positions=0)
+    run = EditRun(out, path=clean.path, fast_kind=clean.fast_kind, reason=clean.reason, edits=n)
     if n == 0:
-        return out
+        return run
     P = task.positions[edits.prompt]
     # nothing after the metric position reaches it; at the last layer only the metric position does
     live = (edits.start <= P) & ((edits.layer < dims.n_layers - 1) | (edits.start + edits.span - 1 >= P))
-    last_run["skipped"] = int((~live).sum())
+    run.skipped = int((~live).sum())
     idx = live.nonzero()[:, 0]
     if idx.numel() == 0:
-        return out
+        return run
     with torch.no_grad():
         if clean.path == "fast":
-            vals = _measure_fast(model, task, edits, idx, clean, dims, batch_size, progress)
+            vals = _measure_fast(model, task, edits, idx, clean, dims, batch_size, progress, run)
         else:
-            vals = _measure_hooks(model, task, edits, idx, clean, dims, batch_size, progress)
+            vals = _measure_hooks(model, task, edits, idx, clean, dims, batch_size, progress, run)
     out[idx] = clean.metric[edits.prompt[idx]].to(od) - vals.to(od).cpu()
-    return out
+    return run
 
 
-def _clean_bytes(dims: _Dims, T: int, dtype: torch.dtype) -> int:
+def _clean_bytes(dims: ModelFacts, T: int, dtype: torch.dtype) -> int:
     """Bytes one prompt's CleanRun holds on the fast path (residuals, z, keys, values)."""
     el = torch.finfo(dtype).bits // 8
     L = dims.n_layers
     return el * T * ((L + 1) * dims.d_model + L * dims.n_heads * dims.d_head + 2 * L * dims.n_kv_heads * dims.d_head)
 
 
-def _measure_by_prompt_chunks(model, task, edits, max_prompts, batch_size, progress, path) -> Tensor:
-    """measure_z_edits over groups of prompts, so that each group's CleanRun fits CLEAN_BUDGET."""
+def _measure_by_prompt_chunks(model, task, edits, max_prompts, batch_size, progress, path) -> EditRun:
+    """run_z_edits over groups of prompts, so that each group's CleanRun fits CLEAN_BUDGET."""
     out = torch.zeros(len(edits), dtype=_out_dtype(_model_dtype(model)))
     stats = dict(forwards=0, skipped=0, positions=0)
-    info: Dict[str, Any] = {}
+    info: Dict[str, Any] = dict(path=path, fast_kind=None, reason="")
     for s in tqdm(range(0, len(task), max_prompts), desc="prompt groups", disable=not progress, leave=False):
         sel = ((edits.prompt >= s) & (edits.prompt < s + max_prompts)).nonzero()[:, 0]
         if sel.numel() == 0:
@@ -815,14 +536,13 @@ def _measure_by_prompt_chunks(model, task, edits, max_prompts, batch_size, progr
         sub = task.subset(slice(s, s + max_prompts))
         e = edits[sel]
         e = ZEdits(e.prompt - s, e.layer, e.head, e.start, e.delta)
-        out[sel] = measure_z_edits(model, sub, e, batch_size=batch_size, progress=progress, path=path)
+        part = run_z_edits(model, sub, e, edits_per_forward=batch_size, progress=progress, path=path)
+        out[sel] = part.effects
         for k in stats:
-            stats[k] += last_run.get(k, 0)
-        info = dict(last_run)
-    last_run.clear()
-    last_run.update(info)
-    last_run.update(stats, edits=len(edits))
-    return out
+            stats[k] += getattr(part, k)
+        info = part.info()
+    info.update(stats, edits=len(edits))
+    return EditRun(out, **info)
 
 
 def _chunks_by_window(starts: Tensor, P: int, max_tokens: int, max_edits: Optional[int]):
@@ -848,8 +568,9 @@ def _chunks_by_window(starts: Tensor, P: int, max_tokens: int, max_edits: Option
         i = j
 
 
-def _measure_fast(model, task, edits, idx, clean: CleanRun, dims: _Dims, batch_size, progress) -> Tensor:
-    fm: _FastModel = clean._fm
+def _measure_fast(model, task, edits, idx, clean: CleanRun, dims: ModelFacts, batch_size, progress,
+                  run: EditRun) -> Tensor:
+    fm: FastModel = clean._fm
     dev, mdt = _model_device(model), _model_dtype(model)
     L = dims.n_layers
     vals = torch.zeros(idx.numel(), dtype=_out_dtype(mdt))
@@ -875,12 +596,12 @@ def _measure_fast(model, task, edits, idx, clean: CleanRun, dims: _Dims, batch_s
                          edits.delta[e].to(device=dev, dtype=mdt))
         logits = fm.final_logits(hP)
         vals[sel] = task.metric_fn(logits, torch.full((len(sel),), p, dtype=torch.long)).to(vals.dtype).cpu()
-        last_run["forwards"] += 1
-        last_run["positions"] += len(sel) * (Pp - s0 + 1)
+        run.forwards += 1
+        run.positions += len(sel) * (Pp - s0 + 1)
     return vals
 
 
-def _fast_chunk(fm: _FastModel, clean: CleanRun, dims: _Dims, p: int, l: int, s0: int, P: int,
+def _fast_chunk(fm: FastModel, clean: CleanRun, dims: ModelFacts, p: int, l: int, s0: int, P: int,
                 head: Tensor, start: Tensor, delta: Tensor) -> Tensor:
     """Final residual at the metric position [n, d_model] for n edits of prompt p at layer l."""
     L, H, dh = dims.n_layers, dims.n_heads, dims.d_head
@@ -923,7 +644,8 @@ def _fast_chunk(fm: _FastModel, clean: CleanRun, dims: _Dims, p: int, l: int, s0
     return h[:, -1]
 
 
-def _measure_hooks(model, task, edits, idx, clean: CleanRun, dims: _Dims, batch_size, progress) -> Tensor:
+def _measure_hooks(model, task, edits, idx, clean: CleanRun, dims: ModelFacts, batch_size, progress,
+                   run: EditRun) -> Tensor:
     dev, mdt = _model_device(model), _model_dtype(model)
     L = dims.n_layers
     vals = torch.zeros(idx.numel(), dtype=_out_dtype(mdt))
@@ -982,8 +704,8 @@ def _measure_hooks(model, task, edits, idx, clean: CleanRun, dims: _Dims, batch_
         else:
             logits = _hooks_forward(model, dims, toks, pos.to(dev), hooks, clean.unembed_mode)
         vals[sel] = task.metric_fn(logits, prm).to(vals.dtype).cpu()
-        last_run["forwards"] += 1
-        last_run["positions"] += n * Tn
+        run.forwards += 1
+        run.positions += n * Tn
     return vals
 
 
@@ -1042,7 +764,7 @@ def flops(model, task: Task, edits: ZEdits) -> Dict[str, float]:
     Returns ``dict(baseline, minimum, minimum_tight, ideal_speedup=baseline / minimum,
     ideal_speedup_tight=baseline / minimum_tight)``.
     """
-    d = _dims(model)
+    d = model_facts(model)
     _validate(edits, task, d)
     qo = 2 * d.d_model * d.n_heads * d.d_head
     kv = 4 * d.d_model * d.n_kv_heads * d.d_head

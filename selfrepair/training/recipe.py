@@ -26,9 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-HELDOUT_DIR = Path(__file__).parent / "data" / "heldout"
-HELDOUT_FILES = sorted(p.name[: -len(".txt")] for p in HELDOUT_DIR.glob("*.py.txt"))
+from .. import tasks as T
+from ..tasks.heldout import HELDOUT_FILES, heldout_text
+
 SPECIAL = "<|endoftext|>"
 
 
@@ -72,13 +74,8 @@ def stdlib_sources(exclude: list[str]) -> dict[str, str]:
     return out
 
 
-def heldout_text() -> dict[str, str]:
-    """The held-out standard-library files shipped in the package (never trained on)."""
-    return {p.name[: -len(".txt")]: p.read_text(encoding="utf-8") for p in sorted(HELDOUT_DIR.glob("*.py.txt"))}
-
-
 def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # heavy, only for training
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -149,8 +146,7 @@ def train_default_model(out_dir: str | Path, recipe: Recipe | None = None, progr
     starts from it, which gives exactly what an uninterrupted run gives, since stage 2
     shares no optimizer or generator state with stage 1.
     """
-    from tqdm.auto import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # heavy, only for training
 
     r = recipe or Recipe()
     out_dir = Path(out_dir)
@@ -309,7 +305,6 @@ def evaluate_model(model, *, n: int = 1024, seed: int = 12345) -> dict:
       (held-out standard-library files; 128 tokens = the task's default, which the thresholds
       use, and 256 tokens, reported beside it).
     """
-    from . import tasks as T
 
     ind = T.load("induction", model, n=n, seed=seed)
     seg = 20

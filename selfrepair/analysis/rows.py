@@ -1,0 +1,274 @@
+"""Closed-form row arithmetic: the local effects of ablating keys of one attention row (docs/quantities.md,
+"Local effects", "Individual versus joint", "Gradient estimates").
+
+``row_effects`` takes R rows at once (scores, mask, ``c = g . v``, the group S) and returns, in float64,
+every subset's local effect, Shapley values, value-ablation effects, gradient estimates and the z edits
+the global engine replays; ``local_effects`` does the same for hand-built rows; ``select_keys`` picks S,
+``interaction_ratio`` turns effects into r.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .._typing import Bool, Float, Int, Tensor
+
+__all__ = ["row_effects", "local_effects", "select_keys", "interaction_ratio", "subset_bits", "shapley_matrix",
+           "check_mode", "ABLATIONS", "VALUE_ABLATIONS", "SELECT_MODES", "MAX_K"]
+
+
+ABLATIONS = ("mean", "knockout")
+VALUE_ABLATIONS = ("zero", "mean")
+SELECT_MODES = ("positive", "abs")
+MAX_K = 8
+
+
+def subset_bits(k: int, device=None) -> Bool[Tensor, "subsets k"]:
+    """Row ``s`` of the result is subset ``s`` as a bitmask: key ``n`` is in it iff bit ``n`` of ``s`` is set."""
+    s = torch.arange(2 ** k, device=device)
+    return ((s[:, None] >> torch.arange(k, device=device)) & 1).bool()
+
+
+def shapley_matrix(k: int, dtype=torch.float64, device=None) -> Float[Tensor, "subsets k"]:
+    """``phi = E_subsets @ M``: ``phi_n = sum_{S not n} |S|!(k-|S|-1)!/k! (E(S+n) - E(S))``."""
+    bits = subset_bits(k, device)
+    size = bits.sum(1)
+    wt = torch.tensor([math.factorial(s) * math.factorial(k - s - 1) / math.factorial(k) for s in range(k)],
+                      dtype=dtype, device=device)
+    # subset T containing n contributes +w(|T|-1) E(T); subset S without n contributes -w(|S|) E(S)
+    plus = torch.where(bits, wt[(size - 1).clamp_min(0)][:, None], torch.zeros((), dtype=dtype, device=device))
+    minus = torch.where(~bits, wt[size.clamp_max(k - 1)][:, None], torch.zeros((), dtype=dtype, device=device))
+    return plus - minus
+
+
+def row_effects(
+    a: Float[Tensor, "R n"],
+    mask: Bool[Tensor, "R n"],
+    c: Float[Tensor, "R n"],
+    keys: Int[Tensor, "R k"],
+    mean_mask: Bool[Tensor, "R n"],
+    *,
+    ablation: str,
+    value_ablation: str,
+    temperature: float,
+    v_keys: Optional[Float[Tensor, "R k d"]] = None,
+    v_rest: Optional[Float[Tensor, "R d"]] = None,
+) -> Dict[str, Tensor]:
+    """Local effects of every subset of ``keys`` for R rows, in closed form (float64 in, float64 out).
+
+    ``a`` scores (any value at masked keys), ``mask`` unmasked keys, ``c = g . v``,
+    ``mean_mask`` the keys entering the score/value means. The softmax is exact and
+    computed in log space: for an ablated set S with new log-normaliser ``lse'``,
+    every kept key changes by ``p_j - p'_j = rho p_j`` with ``rho = -expm1(lse - lse')``,
+    the ablated keys by ``p_j - exp(a'_j - lse')``.
+    With ``v_keys`` and ``v_rest`` (the softmax-over-the-rest weighted value) also the
+    z edits ``z' - z`` of the individual and joint ablations (for global effects).
+    """
+    R, n = a.shape
+    k = keys.shape[1]
+    dt, dev = a.dtype, a.device
+    ninf = torch.tensor(float("-inf"), dtype=dt, device=dev)
+    am = torch.where(mask, a, ninf)
+    aK = am.gather(1, keys)                                               # [R, k]
+    cK = c.gather(1, keys)
+    inK = torch.zeros_like(mask).scatter_(1, keys, True)
+    rest = mask & ~inK
+    has_rest = rest.any(1)
+    a_rest = torch.where(rest, a, ninf)
+    L_rest = torch.logsumexp(a_rest, 1)                                   # [R], -inf without a rest
+    s_rest = torch.softmax(torch.where(has_rest[:, None], a_rest, torch.zeros((), dtype=dt, device=dev)), 1)
+    cbar_rest = torch.where(has_rest, (s_rest * torch.where(rest, c, torch.zeros((), dtype=dt, device=dev))).sum(1),
+                            torch.zeros((), dtype=dt, device=dev))
+    cnt = mean_mask.sum(1).to(dt)
+    abar = torch.where(mean_mask, a, torch.zeros((), dtype=dt, device=dev)).sum(1) / cnt   # mean score
+    cbar = torch.where(mean_mask, c, torch.zeros((), dtype=dt, device=dev)).sum(1) / cnt   # mean of g . v
+
+    bits = subset_bits(k, dev)                                           # [B, k]
+    B = bits.shape[0]
+    nS = bits.sum(1).to(dt)                                               # [B]
+    kept = torch.where(bits[None], ninf, aK[:, None, :])                  # [R, B, k]
+    if ablation == "mean":
+        abl = torch.where(nS[None] > 0, abar[:, None] + torch.log(nS.clamp_min(1))[None], ninf)  # [R, B]
+    else:
+        abl = ninf.expand(R, B)
+    terms = torch.cat([L_rest[:, None, None].expand(R, B, 1), kept, abl[..., None]], 2)
+    lse2 = torch.logsumexp(terms, 2)                                      # [R, B]
+    lse = lse2[:, :1]                                                     # S = {} : the original normaliser
+    pK = torch.exp(aK - lse)                                              # [R, k]
+    wK = pK * cK
+    x = lse - lse2                                                        # rho = -expm1(x)
+    pos = x > 0
+    # log|rho|: x > 0: log(e^x - 1) = x + log(1 - e^-x); x < 0: log(1 - e^x); x = 0: -inf (no change)
+    log_abs_rho = torch.log(-torch.expm1(-x.abs())) + x.clamp_min(0)
+    sign = torch.where(pos, -torch.ones((), dtype=dt, device=dev), torch.ones((), dtype=dt, device=dev))
+    # kept keys: sum_j (p_j - p'_j) c_j = sign * sum_j exp(a_j - lse + log|rho|) c_j
+    t_rest = torch.where(has_rest[:, None], torch.exp(L_rest[:, None] - lse + log_abs_rho) * cbar_rest[:, None],
+                         torch.zeros((), dtype=dt, device=dev))
+    fac_K = torch.exp(aK[:, None, :] - lse[:, :, None] + log_abs_rho[..., None])       # [R, B, k] = |p_j - p'_j|
+    fac_K = torch.where(bits[None], torch.zeros((), dtype=dt, device=dev), fac_K)
+    E = sign * (t_rest + (fac_K * cK[:, None, :]).sum(2))
+    bitsf = bits.to(dt)
+    if ablation == "mean":
+        p_new = torch.exp(abar[:, None] - lse2)                            # new p of each ablated key
+        dpK = torch.where(bits[None], pK[:, None, :] - p_new[..., None], torch.zeros((), dtype=dt, device=dev))
+    else:
+        p_new = torch.zeros_like(lse2)
+        dpK = pK[:, None, :] * bitsf[None]
+    E = E + (dpK * cK[:, None, :]).sum(2)                                 # [R, B]
+    E[:, 0] = 0.0
+
+    out: Dict[str, Tensor] = {}
+    single = 2 ** torch.arange(k, device=dev)
+    out["subset_effects"] = E
+    out["effects"] = E[:, single]
+    out["effect_joint"] = E[:, B - 1]
+    out["shapley"] = E @ shapley_matrix(k, dt, dev)
+    out["contributions"] = wK
+    out["p"] = pK
+    out["scores"] = aK
+    out["mass"] = pK.sum(1)
+    out["n_keys"] = mask.sum(1)
+    p_all = torch.exp(am - lse)
+    zg = (p_all * torch.where(mask, c, torch.zeros((), dtype=dt, device=dev))).sum(1)   # g . z_i
+    out["head_contribution"] = zg
+
+    # gradient estimates of the score ablation (docs/quantities.md, "Gradient estimates"); NaN under knockout
+    if ablation == "mean":
+        da = abar[:, None] - aK                                           # a'_j - a_j
+        dmda = pK * (cK - zg[:, None])
+        s = torch.softmax(am / temperature, 1)
+        sc = (s * torch.where(mask, c, torch.zeros((), dtype=dt, device=dev))).sum(1)
+        d_tsg = s.gather(1, keys) * (cK - sc[:, None])
+        out["grad_estimates"] = -dmda * da
+        out["tsg_estimates"] = -d_tsg * da
+    else:
+        nan = torch.full((R, k), float("nan"), dtype=dt, device=dev)
+        out["grad_estimates"], out["tsg_estimates"] = nan, nan.clone()
+    out["grad_estimate"] = out["grad_estimates"].sum(1)
+    out["tsg_estimate"] = out["tsg_estimates"].sum(1)
+
+    # value ablations: E_v(S) = sum_{j in S} p_j (v_j - v'_j) . g, no renormalisation
+    c_prime = torch.zeros_like(cbar) if value_ablation == "zero" else cbar
+    out["value_effects"] = pK * (cK - c_prime[:, None])
+    # the joint one from the ablated head output: g . z - g . z'  with z' = z - sum_S p_j (v_j - v')
+    zg_v = zg - (wK.sum(1) - pK.sum(1) * c_prime)
+    out["value_effect_joint"] = zg - zg_v
+    out["value_interaction"] = out["value_effect_joint"] - out["value_effects"].sum(1)
+
+    if v_keys is not None:
+        vn = v_keys / v_keys.norm(dim=2, keepdim=True)
+        cos = vn @ vn.transpose(1, 2)
+        iu = torch.triu_indices(k, k, 1, device=dev)
+        out["value_similarity"] = cos[:, iu[0], iu[1]].mean(1)
+    if v_keys is not None and v_rest is not None:
+        # z' - z = -(sum_j (p_j - p'_j) v_j) for the individual and joint ablations
+        which = torch.cat([single, torch.tensor([B - 1], device=dev)])
+        sg = sign[:, which]                                               # [R, k+1]
+        rest_fac = torch.where(has_rest[:, None], torch.exp(L_rest[:, None] - lse + log_abs_rho[:, which]),
+                               torch.zeros((), dtype=dt, device=dev))     # [R, k+1]
+        d_kept = sg[..., None] * (rest_fac[..., None] * v_rest[:, None, :]
+                                  + torch.einsum("rsk,rkd->rsd", fac_K[:, which], v_keys))
+        d_abl = torch.einsum("rsk,rkd->rsd", dpK[:, which], v_keys)
+        out["z_deltas"] = -(d_kept + d_abl)                               # [R, k+1, d]
+    return out
+
+
+def local_effects(
+    scores: Float[Tensor, "*R n"],
+    values: Float[Tensor, "*R n d_head"],
+    grad: Float[Tensor, "*R d_head"],
+    mask: Bool[Tensor, "*R n"],
+    keys: Int[Tensor, "*R k"],
+    *,
+    ablation: str = "mean",
+    value_ablation: str = "zero",
+    exclude_bos: bool = False,
+    temperature: float = 2.0,
+) -> Dict[str, Tensor]:
+    """Closed-form local effects for hand-built rows (one head, one query each; one row without the R axis), float64.
+
+    ``scores`` a (masked entries may hold anything), ``values`` v_j, ``grad`` g = dm/dz_i,
+    ``mask`` unmasked keys, ``keys`` the group S per row (its order is kept). Returns
+    tensors keyed like the columns of ``SelfRepairResult.groups`` (``effects``,
+    ``effect_joint``, ``shapley``, ``value_effects``, ``grad_estimate``, ...), plus
+    ``subset_effects`` [R, 2^k] (subset ``s`` = the keys whose bit is set in ``s``) and
+    ``z_deltas`` [R, k+1, d] (z' - z of the individual ablations, then the joint one).
+    """
+    check_mode("ablation", ablation, ABLATIONS)
+    check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
+    dt = torch.float64
+    a = torch.as_tensor(scores).to(dt)
+    v = torch.as_tensor(values).to(dt)
+    g = torch.as_tensor(grad).to(dt)
+    mask = torch.as_tensor(mask).bool()
+    keys = torch.as_tensor(keys).long()
+    if a.ndim == 1:
+        a, v, g, mask, keys = a[None], v[None], g[None], mask[None], keys[None]
+    if not bool(mask.gather(1, keys).all()):
+        raise ValueError("every key of a group must be unmasked.")
+    if keys.shape[1] > 1 and bool((keys.sort(1).values.diff(dim=1) == 0).any()):
+        raise ValueError("the keys of a group must be distinct.")
+    mean_mask = mask.clone()
+    if exclude_bos:
+        mean_mask[:, 0] = False
+    c = torch.einsum("rnd,rd->rn", v, g)
+    vK = v.gather(1, keys[..., None].expand(-1, -1, v.shape[2]))
+    ninf = torch.tensor(float("-inf"), dtype=dt)
+    rest = mask.clone().scatter_(1, keys, False)
+    s_rest = torch.softmax(torch.where(rest, a, ninf), 1).nan_to_num(0.0)
+    v_rest = torch.einsum("rn,rnd->rd", s_rest, v)
+    return row_effects(a, mask, c, keys, mean_mask, ablation=ablation, value_ablation=value_ablation,
+                        temperature=temperature, v_keys=vK, v_rest=v_rest)
+
+
+def check_mode(name: str, value, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(v) for v in valid)}.")
+
+
+def select_keys(
+    w: Float[Tensor, "batch head qpos kpos"],
+    keys_ok: Bool[Tensor, "batch qpos kpos"],
+    row_ok: Bool[Tensor, "batch head qpos"],
+    *,
+    k: int,
+    min_contribution: float,
+    select: str = "positive",
+) -> tuple:
+    """Rows with at least k selectable keys of ``w_j > min_contribution`` (``|w_j|`` for ``"abs"``) and
+    their groups S: the k keys of largest ``w_j`` (``|w_j|``), largest first, ties to the lower position.
+
+    Returns ``(idx [R, 3] = (batch, head, query), keys [R, k])``.
+    """
+    check_mode("select mode", select, SELECT_MODES)
+    key = w if select == "positive" else w.abs()
+    key = key.masked_fill(~keys_ok[:, None], float("-inf"))
+    ok = ((key > min_contribution).sum(-1) >= k) & row_ok
+    idx = ok.nonzero()
+    if idx.numel() == 0:
+        return idx, torch.zeros(0, k, dtype=torch.long, device=w.device)
+    bi, hi, qi = idx.unbind(1)
+    # stable sort of the negated key: equal keys keep their order, i.e. the lower position first
+    order = torch.sort(-key[bi, hi, qi], dim=1, stable=True).indices
+    return idx, order[:, :k]
+
+
+def interaction_ratio(
+    effects: Float[Tensor, "R k"],
+    effect_joint: Float[Tensor, "R"],
+    contributions: Float[Tensor, "R k"],
+    min_effect: float = 1e-4,
+) -> tuple:
+    """The ratio (docs/quantities.md, "Individual versus joint") ``r = (E_S - sum_n E_n) / E_S`` (NaN when ``|E_S| < max(min_effect, 0.01 sum |w_j|)``) and
+    ``interaction_sym = (E_S - sum_n E_n) / (|E_S| + sum_n |E_n|)`` (NaN only for a zero denominator)."""
+    esum = effects.sum(1)
+    floor = torch.clamp(0.01 * contributions.abs().sum(1), min=min_effect)
+    defined = effect_joint.abs() >= floor
+    nan = torch.full_like(effect_joint, float("nan"))
+    r = torch.where(defined, (effect_joint - esum) / effect_joint, nan)
+    den = effect_joint.abs() + effects.abs().sum(1)
+    r_sym = torch.where(den > 0, (effect_joint - esum) / den, nan)
+    return r, r_sym

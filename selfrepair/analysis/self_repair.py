@@ -1,0 +1,381 @@
+"""Softmax-redistribution self-repair: individual versus joint ablations of attention keys.
+
+docs/quantities.md, sections "Local effects", "Individual versus joint", "Global effects"
+and "Gradient estimates". For a head (l, h), a query i and the k keys S of largest
+contribution ``w_j = p_j c_j`` (``c_j = g . v_j``, ``g = dm/dz_i``):
+
+- local effect of a changed pattern row: ``E(p') = sum_j (p_j - p'_j) c_j``
+  (positive = the ablation lowers the metric); individual ``E_n = E({j_n})``,
+  joint ``E_S``, interaction ``r = (E_S - sum_n E_n) / E_S`` (NaN when
+  ``|E_S| < max(min_effect, 0.01 sum_S |w_j|)``), ``self_repair = r > threshold``;
+- score ablation ``"mean"`` (``a'_j`` = the mean unmasked score of the original
+  row) or ``"knockout"`` (``a'_j = -inf``); value ablation ``"zero"``/``"mean"``;
+- exact Shapley values within S from the ``2^k`` local subset effects;
+- gradient estimates (plain and TSG, temperature T) of the joint score ablation;
+- global effects (``global_effects=True``): the same ablations in real forward
+  passes (``selfrepair.engine``, ``measure_z_edits``), ``m(clean) - m(ablated)``.
+
+Local effects are computed in closed form from ONE cached forward and backward
+pass per batch (``selfrepair.engine.cached_run``): no forward pass per ablation or subset.
+All rows of a batch are processed at once, subsets as bitmasks, in float64
+(the cached activations are float32 by default, ``dtype=`` for float64).
+
+Columns of ``SelfRepairResult.groups`` (one row per analysed (prompt, layer, head, query); tuples are
+per key of S, largest contribution first):
+
+- ``prompt`` (index in the task), ``layer``, ``head``, ``query`` (position i);
+- ``keys`` S (ties to the lower position), ``contributions`` ``w_j``, ``p`` ``p_j``, ``scores`` ``a_j``
+  (``log p_j`` on backends whose score site is the pattern: shifted by a row constant), ``mass``
+  ``sum_S p_j``, ``n_keys`` unmasked keys of the row, ``head_contribution`` ``g . z_i = sum_j w_j``,
+  ``metric`` ``m(clean)`` of the prompt;
+- ``effects`` ``E_n``, ``effect_sum``, ``effect_joint`` ``E_S``, ``interaction`` r, ``interaction_sym``,
+  ``self_repair`` (r > threshold; False where r is NaN), ``shapley`` (sums to ``E_S``);
+- ``value_similarity`` (mean pairwise cosine of the keys' value vectors), ``value_effects``,
+  ``value_effect_joint``, ``value_interaction`` (0 up to rounding: value ablations do not renormalise);
+- ``grad_estimate``, ``tsg_estimate`` (joint score ablation; NaN under knockout) and the per-key terms
+  ``grad_estimates``, ``tsg_estimates`` (the estimates are linear, so they sum to the joint one);
+- with ``global_effects=True``: ``global_effects`` ``G_n``, ``global_effect_joint`` ``G_S``,
+  ``global_effect_sum``, ``global_interaction`` (same NaN floor as r, with the same ``w``),
+  ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)``.
+
+Decisions where the definitions (docs/quantities.md) are silent (documented, tested):
+- queries analysed: every real position ``i <= `` the prompt's metric position
+  (later positions cannot influence ``m``; their ``g`` is exactly 0);
+- ``exclude_bos=True`` drops key 0 from selection, from the score mean and from
+  the value mean (``value_ablation="mean"``); key 0 stays in the row otherwise
+  (it keeps its score and is renormalised like any other key, and it counts
+  towards the "more than k unmasked keys" knockout condition);
+- ``interaction_sym`` is reported for every row (NaN only when its denominator
+  is 0); summary medians use rows with a defined ``interaction`` only;
+- the summary's bootstrap resamples prompts (rows of one prompt are not
+  independent); ``cluster="group"`` resamples rows instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tqdm.auto import tqdm
+
+from .._devices import model_dtype
+from .._typing import Tensor
+from ..engine.cache import cached_run, check_backend
+from ..engine.edits import ZEdits, measure_z_edits
+from ..models.probe import resolve_backend
+from ..tasks import Task, bos_id, validate_task
+from .checkpoint import BatchCheckpoint
+from .identity import model_hash, task_hash, versions
+from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
+from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, interaction_ratio, row_effects,
+                   select_keys)
+
+__all__ = ["analyze_self_repair"]
+
+
+# =========================================================================== closed-form row arithmetic
+
+
+# =========================================================================== result object
+
+
+# =========================================================================== the analysis
+
+
+def _auto_batch_size(task: Task, n_layers: int, n_heads: int, d_head: int, itemsize: int) -> int:
+    n = int(task.lengths.max())
+    per_prompt = itemsize * n_layers * (n_heads * n * n + 3 * n * n_heads * d_head) + itemsize * 6 * n_heads * n * n
+    return int(max(1, min(len(task), 64, (2 ** 28) // max(per_prompt, 1))))
+
+
+def _validate(model, task, backend, *, k, min_contribution, select, threshold, min_effect, ablation,
+              value_ablation, layers, heads, temperature, batch_size, dtype):
+    validate_task(task, model)    # a Task that fits the model: ids in the vocabulary, prompts within the context
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= int(k) <= MAX_K:
+        raise ValueError(f"k must be an integer from 2 to {MAX_K} (keys per group); got {k!r}.")
+    for nm, v in (("threshold", threshold), ("min_effect", min_effect)):
+        if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{nm} must be a finite number >= 0; got {v!r}.")
+    if not isinstance(min_contribution, (int, float, np.floating, np.integer)) or not math.isfinite(min_contribution):
+        raise ValueError(f"min_contribution must be a finite number (metric units); got {min_contribution!r}.")
+    if not isinstance(temperature, (int, float, np.floating, np.integer)) or not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}.")
+    check_mode("select mode", select, SELECT_MODES)
+    check_mode("ablation", ablation, ABLATIONS)
+    check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None (automatic); got {batch_size!r}.")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (analysis precision); got {dtype}.")
+    check_backend(backend)
+    L, H = backend.n_layers, backend.n_heads
+
+    def norm_list(x, n, what):
+        if x is None:
+            return list(range(n))
+        xs = [x] if isinstance(x, (int, np.integer)) else list(x)
+        if not xs:
+            raise ValueError(f"{what}s is empty; give at least one {what} or None for all.")
+        for v in xs:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n:
+                raise ValueError(f"{what} {v!r} out of range: the model has {n} {what}s per "
+                                 f"{'model' if what == 'layer' else 'layer'} (0..{n - 1}).")
+        return sorted({int(v) for v in xs})
+
+    layers = norm_list(layers, L, "layer")
+    heads = norm_list(heads, H, "head")
+    return layers, heads
+
+
+def analyze_self_repair(
+    model,
+    task: Task,
+    *,
+    k: int = 2,
+    min_contribution: float = 1.0,
+    select: str = "positive",
+    exclude_bos: Optional[bool] = False,
+    threshold: float = 0.1,
+    min_effect: float = 1e-4,
+    ablation: str = "mean",
+    value_ablation: str = "zero",
+    global_effects: bool = False,
+    layers: Optional[Iterable[int]] = None,
+    heads: Optional[Iterable[int]] = None,
+    temperature: float = 2.0,
+    batch_size: Optional[int] = None,
+    checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> SelfRepairResult:
+    """Individual versus joint ablations of the k keys of largest contribution, for every row
+    ``(prompt, layer, head, query)`` with at least k keys above ``min_contribution`` (docs/quantities.md, "Individual versus joint").
+
+    Local effects in closed form from one cached forward + backward per batch of
+    ``batch_size`` prompts; global effects (``global_effects=True``) from batched real
+    forward passes. ``checkpoint_dir``: each batch's rows are written there atomically and
+    a re-run with the same settings, model and task resumes. ``dtype``: precision of the
+    cached activations (float32, or float64 for exactness checks); row arithmetic is float64.
+    ``exclude_bos``: True / False, or None to detect it (True when every prompt starts with the model's
+    BOS token), as in ``faithfulness``. ``batch_size``: prompts per batch. ``progress``: a progress bar.
+    Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
+    """
+
+    backend = resolve_backend(model)
+    layers, heads = _validate(model, task, backend, k=k, min_contribution=min_contribution, select=select,
+                              threshold=threshold, min_effect=min_effect, ablation=ablation,
+                              value_ablation=value_ablation, layers=layers, heads=heads, temperature=temperature,
+                              batch_size=batch_size, dtype=dtype)
+    k = int(k)
+    if exclude_bos is None:
+        exclude_bos = bool((task.tokens[:, 0] == bos_id(model)).all())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bs = int(batch_size) if batch_size else _auto_batch_size(task, len(layers), backend.n_heads, backend.d_head,
+                                                             itemsize)
+    settings = dict(k=k, min_contribution=float(min_contribution), select=select, exclude_bos=bool(exclude_bos),
+                    threshold=float(threshold), min_effect=float(min_effect), ablation=ablation,
+                    value_ablation=value_ablation, global_effects=bool(global_effects), layers=layers, heads=heads,
+                    temperature=float(temperature), batch_size=bs, dtype=str(dtype).replace("torch.", ""))
+    mhash, thash = model_hash(model), task_hash(task)
+    cfg = getattr(model, "cfg", None)
+    meta = dict(
+        model_name=str(getattr(cfg, "model_name", type(model).__name__)), model_architecture=backend.architecture,
+        backend=backend.kind, score_site=backend.score_site, model_hash=mhash,
+        model_dtype=str(model_dtype(model)).replace("torch.", ""),
+        n_layers=backend.n_layers, n_heads=backend.n_heads, n_kv_heads=backend.n_kv_heads, d_head=backend.d_head,
+        task_name=str(task.name), task_size=len(task), task_seq_len=int(task.tokens.shape[1]), task_hash=thash,
+        metric=task.metric if isinstance(task.metric, str) else getattr(task.metric, "__qualname__", "callable"),
+        versions=versions(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    ck = BatchCheckpoint(Path(checkpoint_dir), settings, mhash, thash) if checkpoint_dir is not None else None
+
+    starts = list(range(0, len(task), bs))
+    frames: List[pd.DataFrame] = []
+    t_local = t_global = 0.0
+    n_resumed = 0
+
+    bar = tqdm(total=len(starts), desc="self-repair", unit="batch", disable=not progress)
+    try:
+        for s in starts:
+            stop = min(s + bs, len(task))
+            df = ck.load(s, stop) if ck is not None else None
+            if df is None:
+                sub = task.subset(slice(s, stop))
+                df, tl, tg = _analyze_batch(model, backend, sub, s, layers=layers, heads=heads, k=k,
+                                            min_contribution=float(min_contribution), select=select,
+                                            exclude_bos=bool(exclude_bos), threshold=float(threshold),
+                                            min_effect=float(min_effect), ablation=ablation,
+                                            value_ablation=value_ablation, global_effects=bool(global_effects),
+                                            temperature=float(temperature), dtype=dtype)
+                t_local += tl
+                t_global += tg
+                if ck is not None:
+                    ck.save(s, stop, df)
+            else:
+                n_resumed += 1
+            frames.append(df)
+            bar.update(1)
+            bar.set_postfix(groups=sum(len(f) for f in frames))
+    finally:
+        bar.close()
+    nonempty = [f for f in frames if len(f)]
+    groups = pd.concat(nonempty, ignore_index=True) if nonempty else empty_groups(global_effects)
+    groups = groups.sort_values(["prompt", "layer", "head", "query"], kind="stable").reset_index(drop=True)
+    meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed)
+    return SelfRepairResult(groups, settings, meta)
+
+
+def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k, min_contribution, select,
+                   exclude_bos, threshold, min_effect, ablation, value_ablation, global_effects, temperature,
+                   dtype):
+    """Rows of one batch of prompts: cached run, selection, closed-form effects (+ global effects)."""
+    t0 = time.perf_counter()
+    run = cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))
+    dev = run.metric.device
+    n = run.mask.shape[1]
+    f64 = torch.float64
+    qpos = torch.arange(n, device=dev)
+    q_ok = (qpos[None] < run.lengths[:, None]) & (qpos[None] <= run.positions[:, None])          # [b, q]
+    head_ok = torch.zeros(backend.n_heads, dtype=torch.bool, device=dev)
+    head_ok[heads] = True
+    sel_mask = run.mask.clone()                                                                  # [b, q, k]
+    if exclude_bos:
+        sel_mask[:, :, 0] = False
+    n_unmasked = run.mask.sum(-1)                                                                # [b, q]
+    parts, edits = [], []
+    for l in layers:
+        a = run.scores[l]                                                                        # [b, h, q, k]
+        v = run.values[l]                                                                        # [b, k, h, d]
+        g = run.grad_z[l]                                                                        # [b, q, h, d]
+        c = torch.einsum("bqhd,bkhd->bhqk", g, v)
+        w = torch.softmax(a, -1).nan_to_num(0.0) * c
+        row_ok = q_ok[:, None] & head_ok[None, :, None]                                         # [b, h, q]
+        if ablation == "knockout":
+            row_ok = row_ok & (n_unmasked > k)[:, None]
+        idx, keys = select_keys(w, sel_mask, row_ok, k=k, min_contribution=min_contribution, select=select)
+        del w
+        if idx.numel() == 0:
+            continue
+        bi, hi, qi = idx.unbind(1)
+        a_r = a[bi, hi, qi].to(f64)
+        c_r = c[bi, hi, qi].to(f64)
+        m_r = run.mask[bi, qi]
+        mm_r = sel_mask[bi, qi]                                    # the mean runs over the selectable keys
+        vK = v[bi[:, None], keys, hi[:, None]].to(f64)                                           # [R, k, d]
+        v_rest = None
+        if global_effects:
+            # softmax over each row's rest (unmasked keys outside S), weighted value, via a dense einsum
+            rest = m_r.clone().scatter_(1, keys, False)
+            s_rest = torch.softmax(a_r.masked_fill(~rest, float("-inf")), 1).nan_to_num(0.0)
+            step = max(1, 2 ** 21 // (n * v.shape[-1]))
+            v_rest = torch.cat([torch.einsum("rn,rnd->rd", s_rest[i:i + step],
+                                             v[bi[i:i + step], :, hi[i:i + step]].to(f64))
+                                for i in range(0, len(bi), step)])
+        R = len(bi)
+        chunk = max(1, 2 ** 22 // ((2 ** k) * (k + 2) + n))
+        res: Dict[str, List[Tensor]] = {}
+        for i in range(0, R, chunk):
+            sl = slice(i, i + chunk)
+            o = row_effects(a_r[sl], m_r[sl], c_r[sl], keys[sl], mm_r[sl], ablation=ablation,
+                             value_ablation=value_ablation, temperature=temperature, v_keys=vK[sl],
+                             v_rest=None if v_rest is None else v_rest[sl])
+            for key_, val in o.items():
+                if key_ != "subset_effects":
+                    res.setdefault(key_, []).append(val)
+        o = {key_: torch.cat(vals) for key_, vals in res.items()}
+        o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
+                 metric=run.metric[bi].to(f64))
+        if global_effects:
+            zd = o.pop("z_deltas")                                                               # [R, k+1, d]
+            edits.append((bi, hi, qi, l, zd))
+        parts.append(o)
+    t_local = time.perf_counter() - t0
+    df = _to_frame(parts, min_effect, threshold)
+    t_global = 0.0
+    if global_effects:
+        t1 = time.perf_counter()
+        G = _global(model, task, edits, k)                                                       # [R_total, k+1]
+        t_global = time.perf_counter() - t1
+        df = _add_global(df, G, k, min_effect)
+    return df, t_local, t_global
+
+
+def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: float) -> pd.DataFrame:
+    if not parts:
+        return empty_groups(False)
+    cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def np_(x):
+        return x.detach().cpu().numpy()
+
+    def tup(x, conv=float):
+        return [tuple(conv(v) for v in row) for row in x.detach().cpu().tolist()]
+
+    E = cat["effects"]
+    ES = cat["effect_joint"]
+    esum = E.sum(1)
+    inter, inter_sym = interaction_ratio(E, ES, cat["contributions"], min_effect)
+    sr = ~torch.isnan(inter) & (inter > threshold)
+    data = {
+        "prompt": np_(cat["prompt"]).astype(np.int64), "layer": np_(cat["layer"]).astype(np.int64),
+        "head": np_(cat["head"]).astype(np.int64), "query": np_(cat["query"]).astype(np.int64),
+        "keys": tup(cat["keys"], int), "contributions": tup(cat["contributions"]), "effects": tup(E),
+        "effect_sum": np_(esum), "effect_joint": np_(ES), "interaction": np_(inter),
+        "interaction_sym": np_(inter_sym), "self_repair": np_(sr).astype(bool), "shapley": tup(cat["shapley"]),
+        "value_similarity": np_(cat["value_similarity"]), "value_effects": tup(cat["value_effects"]),
+        "value_effect_joint": np_(cat["value_effect_joint"]), "value_interaction": np_(cat["value_interaction"]),
+        "grad_estimate": np_(cat["grad_estimate"]), "tsg_estimate": np_(cat["tsg_estimate"]),
+        "grad_estimates": tup(cat["grad_estimates"]), "tsg_estimates": tup(cat["tsg_estimates"]),
+        "p": tup(cat["p"]), "scores": tup(cat["scores"]), "mass": np_(cat["mass"]),
+        "n_keys": np_(cat["n_keys"]).astype(np.int64), "head_contribution": np_(cat["head_contribution"]),
+        "metric": np_(cat["metric"]),
+    }
+    df = pd.DataFrame({c: (pd.Series(data[c], dtype=object) if c in TUPLE_COLUMNS else data[c])
+                       for c in BASE_COLUMNS}, columns=BASE_COLUMNS)
+    for c in BASE_COLUMNS:
+        if c not in TUPLE_COLUMNS and c not in INT_COLUMNS and c not in BOOL_COLUMNS:
+            df[c] = df[c].astype(np.float64)
+    return df
+
+
+def _global(model, task: Task, edits, k: int) -> Tensor:
+    """Global effects of the individual and joint ablations of every row: [rows, k+1]."""
+    if not edits:
+        return torch.zeros(0, k + 1, dtype=torch.float64)
+    P, Hh, Q, Lr, D = [], [], [], [], []
+    for bi, hi, qi, l, zd in edits:
+        R = len(bi)
+        P.append(bi.repeat_interleave(k + 1))
+        Hh.append(hi.repeat_interleave(k + 1))
+        Q.append(qi.repeat_interleave(k + 1))
+        Lr.append(torch.full((R * (k + 1),), l, dtype=torch.long, device=bi.device))
+        D.append(zd.reshape(R * (k + 1), 1, zd.shape[-1]))
+    ze = ZEdits(torch.cat(P).cpu(), torch.cat(Lr).cpu(), torch.cat(Hh).cpu(), torch.cat(Q).cpu(), torch.cat(D).cpu())
+    out = measure_z_edits(model, task, ze, progress=False)
+    return out.to(torch.float64).reshape(-1, k + 1)
+
+
+def _add_global(df: pd.DataFrame, G: Tensor, k: int, min_effect: float) -> pd.DataFrame:
+    # rows of df are in the order the edits were built (layer loop, then nonzero order): same as G
+    if len(df) == 0:
+        return empty_groups(True)
+    w = torch.tensor([list(t) for t in df["contributions"]], dtype=torch.float64).reshape(len(df), k)
+    gi = interaction_ratio(G[:, :k], G[:, k], w, min_effect)[0].numpy()
+    Gn = G[:, :k].numpy()
+    GS = G[:, k].numpy()
+    gsum = Gn.sum(1)
+    df = df.copy()
+    df["global_effects"] = pd.Series([tuple(float(x) for x in r) for r in Gn.tolist()], dtype=object, index=df.index)
+    df["global_effect_joint"] = GS.astype(np.float64)
+    df["global_effect_sum"] = gsum.astype(np.float64)
+    df["global_interaction"] = gi.astype(np.float64)
+    df["downstream_gap"] = ((GS - gsum) - (df["effect_joint"].to_numpy() - df["effect_sum"].to_numpy()))
+    return df

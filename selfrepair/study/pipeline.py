@@ -1,0 +1,340 @@
+"""The study pipeline the CLI and the notebooks share: every analysis of a model and task into a run
+folder's tables (``run_study``), its figures (``make_figures``) and its headline numbers (``headline``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..analysis.attention_row import attention_row_data
+from ..analysis.attribution import explain, head_attributions, token_attribution_table
+from ..analysis.estimates import agreement, compare_estimates
+from ..analysis.faithfulness import faithfulness
+from ..analysis.identity import model_hash
+from ..analysis.results import SelfRepairResult, overall_sweep, read_result_info
+from ..analysis.self_repair import analyze_self_repair
+from ..models.loading import DEFAULT_MODEL_DIR
+from ..models.probe import probe
+from ..report import figures as plots
+from .rundir import CLIError, read_table, write_table
+
+EXIT_ERROR = 2
+
+__all__ = ["run_study", "Study", "Timings", "make_figures", "write_figures", "headline", "format_summary",
+           "model_info", "figure_index", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS",
+           "SUMMARY_THRESHOLDS"]
+
+
+SWEEP_THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+SUMMARY_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+FIGURES = {
+    "01_joint_vs_sum": "joint ablation effect vs the sum of individual effects (the GIM paper's figure)",
+    "02_estimates_local": "grad / TSG / GIM estimates vs the measured local joint effect",
+    "02_estimates_global": "grad / TSG / GIM estimates vs the measured global joint effect",
+    "03_head_heatmaps": "layer x head: fraction self-repairing and median interaction",
+    "04_threshold_sweep": "fraction self-repairing vs the threshold, with its interval",
+    "05_local_vs_global": "local vs global interaction and the downstream gap",
+    "06_head_ranking": "heads ranked by measured ablation effect, beside grad and GIM",
+    "07_attention_row": "one self-repairing row: attention weights clean, per ablation, joint",
+    "08_token_attributions": "token attributions, grad vs GIM, over one prompt",
+}
+
+
+def is_dtype(x) -> bool:
+    return type(x).__name__ == "dtype" and type(x).__module__ == "torch"
+
+
+def api_kwargs(settings: dict) -> dict:
+    """CLI settings (JSON-able: dtype as a string) -> keyword arguments of analyze_self_repair."""
+    kw = dict(settings)
+    if isinstance(kw.get("dtype"), str):
+        kw["dtype"] = getattr(torch, kw["dtype"])
+    return kw
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def model_info(model, spec) -> dict:
+    cfg = getattr(model, "cfg", None)
+    info = {"spec": spec if spec is not None else "default",
+            "path": str(DEFAULT_MODEL_DIR) if spec is None else str(spec),
+            "class": type(model).__name__,
+            "weights_sha256": model_hash(model)}  # the analysis' own hash (selfrepair.analysis.model_hash)
+    for k in ("n_layers", "n_heads", "d_model", "d_head", "n_ctx", "d_vocab"):
+        v = getattr(cfg, k, None)
+        if v is not None:
+            info[k] = int(v)
+    try:
+        be = probe(model)
+        info.update(architecture=be.architecture, backend=be.kind, n_kv_heads=be.n_kv_heads, score_site=be.score_site)
+        info.setdefault("n_layers", be.n_layers)
+        info.setdefault("n_heads", be.n_heads)
+    except Exception:
+        pass
+    return info
+
+
+class Timings:
+    """Wall-clock and CPU seconds (all threads of this process) per step: ``with timings("step"): ...``."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, label: str):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[label] = round(time.perf_counter() - t0, 3)
+            self.cpu[label] = round(time.process_time() - c0, 3)
+
+
+class Study:
+    """One ``selfrepair analyze`` run: stages that each write their tables and are skipped on --resume."""
+
+    def __init__(self, out: Path, progress: bool, timings: Timings):
+        self.out = out
+        self.tables = out / "tables"
+        self.progress = progress
+        self.timings = timings
+        self.resumed: list[str] = []
+
+    def has(self, name: str) -> bool:
+        return (self.tables / f"{name}.parquet").is_file() and (self.tables / f"{name}.csv").is_file()
+
+    def stage(self, label: str, names: list[str], compute: Callable[[], dict]):
+        """Tables ``names`` from disk when all exist (resume), else ``compute()`` and write them."""
+        if all(self.has(n) for n in names):
+            self.resumed.append(label)
+            self._say(f"[{label}] kept from the interrupted run")
+            return {n: read_table(self.tables, n) for n in names}
+        with self.timings(label):
+            out = compute()
+            for n in names:
+                write_table(self.tables, n, out[n])
+        self._say(f"[{label}] done in {self.timings.wall[label]:.1f} s")
+        return out
+
+    def _say(self, msg: str):
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, attribution_n: int, seed: int,
+              progress: bool, timings: Timings) -> dict:
+    """Run every stage of the study into ``out``; returns the tables by name and the analysis meta.
+
+    Stages (each writes its tables atomically; on --resume a stage whose tables
+    exist is read back instead of recomputed):
+
+    1. ``analyze_self_repair`` with ``checkpoint_dir`` (partial results batch by
+       batch; the finished result is kept in ``checkpoints/self_repair_result.parquet``),
+       then ``compare_estimates`` -> ``groups`` (with ``gim_estimate``),
+       ``estimates``, ``head_summary`` (``result.summary()``), ``sweep``;
+    2. ``head_attributions`` -> ``heads``;
+    3. ``explain`` (grad, gim) and ``faithfulness`` -> ``token_attributions``, ``faithfulness``;
+       (2 and 3 on the first ``attribution_n`` prompts, all when 0);
+    4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``.
+    """
+
+
+    study = Study(out, progress, timings)
+    ck = settings.get("checkpoint_dir") or str(out / "checkpoints" / "self_repair")
+    res_path = out / "checkpoints" / "self_repair_result.parquet"
+    torch.manual_seed(seed)
+
+    def groups_stage():
+        if res_path.is_file():
+            res = SelfRepairResult.read_parquet(res_path)
+            study.resumed.append("self-repair analysis")
+        else:
+            with timings("self-repair analysis"):
+                kw = api_kwargs(settings)
+                kw["checkpoint_dir"] = ck
+                res = analyze_self_repair(model, task, **kw)
+                res.to_parquet(res_path)  # atomic
+        with timings("compare_estimates"):
+            comp = compare_estimates(model, task, res)
+        ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
+        return {"groups": comp.groups, "estimates": comp.report, "head_summary": res.summary(),
+                "sweep": res.sweep(ths)}
+
+    tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "head_summary", "sweep"],
+                            groups_stage))
+    sub = task if not attribution_n or attribution_n >= len(task) else task.subset(slice(0, attribution_n))
+    tabs.update(study.stage("head attributions", ["heads"], lambda: {
+        "heads": head_attributions(model, sub, head_ablation=head_ablation, progress=progress)}))
+
+    def tokens_stage():
+        attrs = {m: explain(model, sub, method=m, progress=progress) for m in ("grad", "gim")}
+        return {"token_attributions": token_attribution_table(model, sub, attrs),
+                "faithfulness": faithfulness(model, sub, attrs, progress=progress)}
+
+    tabs.update(study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"], tokens_stage))
+    if len(tabs["groups"]):
+        g = tabs["groups"]
+        g.attrs["settings"] = settings
+        tabs.update(study.stage("attention row", ["attention_row"],
+                                lambda: {"attention_row": attention_row_data(model, task, g)}))
+    meta = read_result_info(res_path).get("meta", {}) if res_path.is_file() else {}
+    return {"tables": tabs, "resumed": study.resumed, "analysis_meta": meta}
+
+
+def make_figures(tables: dict, settings: dict, n_layers: Optional[int] = None, n_heads: Optional[int] = None) -> dict:
+    """Every figure of the study from its tables (no model needed)."""
+    g = tables["groups"].copy()
+    g.attrs["settings"] = dict(settings, n_layers=n_layers, n_heads=n_heads)
+    t = float(settings.get("threshold", 0.1))
+    figs = {}
+    has_global = "global_effect_joint" in g.columns
+    if len(g):
+        figs["01_joint_vs_sum"] = plots.plot_joint_vs_sum(g, threshold=t)
+        figs["02_estimates_local"] = plots.plot_estimates(g, truth="local", threshold=t)
+        if has_global:
+            figs["02_estimates_global"] = plots.plot_estimates(g, truth="global", threshold=t)
+        figs["03_head_heatmaps"] = plots.plot_head_heatmaps(g, threshold=t, n_layers=n_layers, n_heads=n_heads)
+        figs["04_threshold_sweep"] = plots.plot_threshold_sweep(tables["sweep"], threshold=t)
+        if has_global:
+            figs["05_local_vs_global"] = plots.plot_local_vs_global(g, threshold=t)
+    if "heads" in tables:
+        figs["06_head_ranking"] = plots.plot_head_ranking(tables["heads"])
+    if "attention_row" in tables:
+        figs["07_attention_row"] = plots.plot_attention_row(tables["attention_row"])
+    if "token_attributions" in tables:
+        figs["08_token_attributions"] = plots.plot_token_attributions(tables["token_attributions"])
+    return figs
+
+
+def write_figures(figs: dict, out: Path, *, png: bool, plotlyjs: str = "directory") -> tuple[list[Path], Optional[str]]:
+    """Write every figure as HTML (+ PNG); returns the paths and the PNG error (None when fine)."""
+    inc = True if plotlyjs == "inline" else plotlyjs
+    paths = plots.save_figures(figs, out, png=False, include_plotlyjs=inc)
+    err = None
+    if png:
+        try:
+            paths += plots.save_figures(figs, out, png=True, html=False)
+        except plots.FigureExportError as e:
+            err = first_line(e)
+            print(f"selfrepair: warning: {err}", file=sys.stderr)
+    return paths, err
+
+
+def headline(tables: dict, settings: dict) -> dict:
+    """The numbers the summary prints (and summary.json keeps)."""
+    g = tables["groups"]
+    t = float(settings.get("threshold", 0.1))
+    r = g["interaction"].astype(float) if len(g) else None
+    n_def = int(np.isfinite(r).sum()) if r is not None else 0
+    h: dict[str, Any] = {"groups": int(len(g)), "groups_defined": n_def, "groups_undefined": int(len(g) - n_def),
+                         "threshold": t}
+    sw = overall_sweep(tables["sweep"])
+
+    def at(th):
+        row = sw.iloc[(sw["threshold"].astype(float) - th).abs().argsort().iloc[0]]
+        return {k: float(row[k]) for k in ("threshold", "fraction", "ci_low", "ci_high")}
+
+    h["self_repairing"] = at(t) if len(sw) else None
+    h["sweep"] = [at(th) for th in SUMMARY_THRESHOLDS] if len(sw) else []
+    if len(g) and n_def:
+        d = g[np.isfinite(r)]
+        hs = tables["head_summary"]  # result.summary(): per head, fraction with its bootstrap interval
+        min_n = max(5, int(0.01 * n_def))
+        hs = hs[hs["n_defined"] >= min_n].sort_values(["frac_self_repair", "n_defined"], ascending=False).head(3)
+        h["top_heads"] = [{"layer": int(x.layer), "head": int(x.head), "fraction": float(x.frac_self_repair),
+                           "ci_low": float(x.ci_low), "ci_high": float(x.ci_high), "n": int(x.n_defined),
+                           "median_r": float(x.median_interaction)} for x in hs.itertuples()]
+        h["top_heads_min_groups"] = min_n
+        rep = tables.get("estimates")
+        if rep is not None and len(rep):  # compare_estimates' own statistics, all groups
+            rep = rep[rep["subset"] == "all"]
+            h["spearman_estimate_vs_measured"] = {
+                truth: {str(r.estimate).replace("_estimate", ""): float(r.spearman)
+                        for r in rep[rep["effect"] == truth].itertuples()}
+                for truth in ("local", "global") if (rep["effect"] == truth).any()}
+            h["sign_agreement_estimate_vs_measured"] = {
+                truth: {str(r.estimate).replace("_estimate", ""): float(r.sign_agreement)
+                        for r in rep[rep["effect"] == truth].itertuples()}
+                for truth in ("local", "global") if (rep["effect"] == truth).any()}
+        if "value_similarity" in g.columns:
+            sr = d["self_repair"].astype(bool)
+            h["value_similarity_median"] = {"self_repairing": float(d.loc[sr, "value_similarity"].median()),
+                                            "other": float(d.loc[~sr, "value_similarity"].median())}
+        if "downstream_gap" in g.columns:
+            h["downstream_gap_median"] = float(g["downstream_gap"].median())
+    if "heads" in tables:
+        hd = tables["heads"]
+        h["head_ranking_spearman"] = {name: agreement(hd[f"{name}_estimate"], hd["measured"])["spearman"]
+                                      for name in ("grad", "gim")}
+    return h
+
+
+def format_summary(h: dict, context: str) -> str:
+    lines = [context]
+    lines.append(f"groups analysed: {h['groups']} ({h['groups_defined']} with a defined ratio r, "
+                 f"{h['groups_undefined']} below the effect floor)")
+    sr = h.get("self_repairing")
+    if not h["groups_defined"]:
+        lines.append("no group with a defined ratio, so none to flag: more prompts (--n) or a lower "
+                     "--min-contribution find more groups")
+    else:
+        ci = f" [95% CI {sr['ci_low']:.1%}, {sr['ci_high']:.1%}]"
+        lines.append(f"self-repairing (r > {h['threshold']:g}): {sr['fraction']:.1%}{ci}")
+        lines.append("over the sweep: " + ", ".join(f"r > {s['threshold']:g}: {s['fraction']:.1%}" for s in h["sweep"]))
+    if h.get("top_heads"):
+        lines.append(f"top self-repairing heads (>= {h['top_heads_min_groups']} groups): " + ", ".join(
+            f"L{x['layer']}H{x['head']} {x['fraction']:.0%} [{x['ci_low']:.0%}, {x['ci_high']:.0%}] of {x['n']}"
+            f" (median r {x['median_r']:.2f})" for x in h["top_heads"]))
+    if h.get("value_similarity_median"):
+        v = h["value_similarity_median"]
+        lines.append(f"value similarity (median): self-repairing {v['self_repairing']:.2f}, other {v['other']:.2f}")
+    signs = h.get("sign_agreement_estimate_vs_measured") or {}
+    for truth, c in (h.get("spearman_estimate_vs_measured") or {}).items():
+        lines.append(f"estimate vs measured {truth} joint effect: Spearman " +
+                     ", ".join(f"{k} {v:.2f}" for k, v in c.items()) + "; sign agreement " +
+                     ", ".join(f"{k} {v:.0%}" for k, v in signs.get(truth, {}).items()))
+    if "downstream_gap_median" in h:
+        lines.append(f"downstream gap (global - local interaction), median: {h['downstream_gap_median']:.3g}")
+    if h.get("head_ranking_spearman"):
+        lines.append("head ranking vs measured ablation (Spearman): " +
+                     ", ".join(f"{k} {v:.2f}" for k, v in h["head_ranking_spearman"].items()))
+    return "\n".join(lines)
+
+
+def figure_index(figs: dict, fig_dir: Path, *, png: bool) -> dict:
+    """What summary.json says about each figure: what it shows, its files and the PNG's pixel size."""
+    out = {}
+    for name, fig in figs.items():
+        w, h = plots.png_size(fig)
+        out[name] = {"shows": FIGURES.get(name, name), "html": f"figures/{name}.html",
+                     "png": f"figures/{name}.png" if png else None, "png_size": [w, h] if png else None}
+    return out
+
+
+def redraw(run_dir: Path, out: Path, *, png: bool, plotlyjs: str) -> int:
+    if not (run_dir / "summary.json").is_file():
+        raise CLIError(f"{run_dir} is not a finished selfrepair run (no summary.json)")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tables_dir = run_dir / "tables"
+    tables = {p.stem: read_table(tables_dir, p.stem) for p in sorted(tables_dir.glob("*.parquet"))}
+    info = summary.get("model", {})
+    figs = make_figures(tables, summary["settings"], info.get("n_layers"), info.get("n_heads"))
+    paths, err = write_figures(figs, out, png=png, plotlyjs=plotlyjs)
+    for p in out.iterdir():  # figures of an earlier run that this one does not have (only our own file names)
+        if re.fullmatch(r"\d\d_[a-z_]+\.(html|png)", p.name) and p not in paths:
+            p.unlink()
+    print(f"wrote {len(paths)} figure files to {out}" + (f" (PNG failed: {err})" if err else ""))
+    return 0 if not err else EXIT_ERROR
