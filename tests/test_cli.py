@@ -50,6 +50,7 @@ TABLE_COLUMNS = {
     "faithfulness": ["method", "q", "comprehensiveness", "sufficiency", "comprehensiveness_rel", "sufficiency_rel"],
     "token_attributions": ["prompt", "position", "token", "grad", "gim"],
     "attention_row": ["condition", "position", "token", "weight", "effect"],
+    "attention_rows": ["group", "prompt", "layer", "head", "query", "keys", "tokens", "clean", "individual", "joint"],
 }
 FIGURE_KINDS = ["01_joint_vs_sum", "02_estimates_local", "02_estimates_global", "03_head_heatmaps",
                 "04_threshold_sweep", "05_local_vs_global", "06_head_ranking", "07_attention_row",

@@ -54,10 +54,15 @@ def run_dir(tmp_path_factory, model):
     summary = json.loads((out / "summary.json").read_text())
     g = pd.read_parquet(out / "tables" / "groups.parquet")
     assert len(g) >= 5, f"the fixture run found only {len(g)} groups; the sort test needs several"
-    g.attrs["settings"] = summary["settings"]
-    task = tasks.load("code-copy", model, n=N_PROMPTS, seed=0)
-    attention_rows_table(model, task, g).to_parquet(out / "tables" / "attention_rows.parquet", index=False)
     return out
+
+
+def test_analyze_writes_the_report_and_its_drilldown_table(run_dir):
+    """`selfrepair analyze` builds report.html last and lists it (and the drill-down table) in summary.json."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (run_dir / "report.html").is_file() and "report.html" in summary["files"]
+    assert "tables/attention_rows.parquet" in summary["files"]
+    assert "report" in summary["timings_s"]
 
 
 @pytest.fixture(scope="module")

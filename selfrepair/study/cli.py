@@ -47,6 +47,7 @@ from .._version import __version__ as version
 from ..analysis import rows as analysis_modes
 from ..analysis.self_repair import analyze_self_repair
 from ..models.loading import ModelLoadError, load_model
+from ..report.page import REPORT_HELP, add_report_arguments, build_report, report_main
 from .. import tasks
 from ..training import Recipe, train_default_model
 from .pipeline import (EXIT_ERROR, first_line, is_dtype, format_summary, headline, make_figures,
@@ -222,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Hugging Face checkpoint directory that `selfrepair analyze --model DIR` loads.")
     _add_recipe_options(t)
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("report", formatter_class=_Formatter, help=REPORT_HELP,
+                       description="Build RUN_DIR/report.html from the run's summary.json and tables: one page that "
+                                   "opens offline, headline first, a section per stage with interactive figures, "
+                                   "sortable/filterable tables and a drill-down from a group to its attention row. "
+                                   "`selfrepair analyze` builds it at the end of every run.")
+    add_report_arguments(r)
+    r.set_defaults(func=lambda a: report_main(a.run_dir, plotlyjs=a.plotlyjs))
 
     nb = sub.add_parser("notebooks", formatter_class=_Formatter, help="execute the notebooks in place (developers)",
                         description="Execute every notebook in --dir end to end with nbclient and save it with its "
@@ -491,12 +500,27 @@ def cmd_analyze(args) -> int:
                    figures=figure_index(figs, out / "figures", png=args.png and not png_error),
                    png_error=png_error, files=files + ["summary.json"])
     write_json(out / "summary.json", summary)
+    # the report reads the finished run (summary.json + tables); it is derived, so a failure to build it
+    # is reported but does not fail the run (`selfrepair report RUN_DIR` rebuilds it)
+    built = False
+    with timings("report"):
+        try:
+            build_report(out)
+            built = True
+        except Exception as e:  # noqa: BLE001 - any failure: the run's tables and figures stand
+            print(f"selfrepair: warning: report.html was not built ({first_line(e)}); rebuild it with "
+                  f"`selfrepair report {out}`", file=sys.stderr)
+    if built:
+        summary["files"] = sorted(summary["files"] + ["report.html"])
+        summary["timings_s"] = dict(timings.wall)
+        write_json(out / "summary.json", summary)
     context = (f"selfrepair analyze: model {info['spec']} (sha256 {info['weights_sha256'][:12]}), task "
                f"{task_info['name']} n={task_info['n']} seq_len={task_info['seq_len']}, k={settings.get('k')}, "
                f"{settings.get('ablation')} ablation, {timings.wall['total']:.0f} s "
                f"({timings.cpu['total']:.0f} s of CPU)")
     print(format_summary(h, context))
-    print(f"wrote {len(summary['files'])} files to {out} (tables/, figures/, summary.json)")
+    print(f"wrote {len(summary['files'])} files to {out} (tables/, figures/, summary.json"
+          f"{', report.html' if 'report.html' in summary['files'] else ''})")
     return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..analysis.attention_row import attention_row_data
+from ..analysis.attention_rows import attention_rows_table
 from ..analysis.attribution import explain, head_attributions, token_attribution_table
 from ..analysis.estimates import agreement, compare_estimates
 from ..analysis.faithfulness import faithfulness
@@ -148,7 +149,9 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     2. ``head_attributions`` -> ``heads``;
     3. ``explain`` (grad, gim) and ``faithfulness`` -> ``token_attributions``, ``faithfulness``;
        (2 and 3 on the first ``attribution_n`` prompts, all when 0);
-    4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``.
+    4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``;
+    5. ``attention_rows_table``: the pattern rows (clean, each individual ablation, joint) of up to 500
+       groups, for the report's drill-down -> ``attention_rows``.
     """
 
 
@@ -190,6 +193,8 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
         g.attrs["settings"] = settings
         tabs.update(study.stage("attention row", ["attention_row"],
                                 lambda: {"attention_row": attention_row_data(model, task, g)}))
+        tabs.update(study.stage("attention rows (report drill-down)", ["attention_rows"],
+                                lambda: {"attention_rows": attention_rows_table(model, task, g)}))
     meta = read_result_info(res_path).get("meta", {}) if res_path.is_file() else {}
     return {"tables": tabs, "resumed": study.resumed, "analysis_meta": meta}
 
