@@ -23,7 +23,7 @@ pip_q "torch==2.13.0"
 pip_q "transformer-lens==${TL3_VERSION}" pytest
 # our package without its TL 4 pin, plus its light dependencies
 pip_q --no-deps -e .
-pip_q einops jaxtyping pandas pyarrow tqdm plotly "gim-explain==0.1.4"
+pip_q einops jaxtyping pandas pyarrow tqdm plotly scipy jinja2 "gim-explain==0.1.4"
 
 .tl3venv/bin/python -c "import transformer_lens, importlib.metadata as m; from transformer_lens import HookedTransformer; print('transformer-lens', m.version('transformer-lens'))"
 # -o addopts= : the project's pytest config ignores tests/tl3 in the main suite
