@@ -202,6 +202,12 @@ def test_failed_start_leaves_an_existing_folder_as_it_was(tmp_path, capsys, ship
     assert empty.is_dir() and not any(empty.iterdir()), list(empty.iterdir())
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--layers", "9", "--out", str(tmp_path / "a" / "b")], "layer 9")
     assert not (tmp_path / "a").exists() and (tmp_path / "keep.txt").is_file()
+    # a refused folder (files that are not a run) is left exactly as it was: no .lock added
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("x")
+    _one_line_error(capsys, ["analyze", "--out", str(other)], "holds no selfrepair run")
+    assert [p.name for p in other.iterdir()] == ["data.txt"]
 
 
 # ----------------------------------------------------------------------------- 12.2 stage reuse

@@ -21,6 +21,10 @@ A run folder holds ``run.json`` (the settings, written first), ``checkpoints/``
 last, ``summary.json``: a folder with ``summary.json`` is finished and is not
 overwritten without ``--force``; one without it continues with ``--resume``.
 Every file is written under a temporary name and renamed when complete.
+One process owns a run folder at a time (an OS lock on ``<run>/.lock``, taken
+before the model loads and released when the process ends in any way); clean-up
+removes only the files a run writes. A write that fails (disk full) is one line
+and the run stays resumable.
 
 User errors (unknown model offline, unreadable JSONL line, CUDA asked for but
 absent, bad option values) print one line on stderr and exit with status 2;
@@ -434,7 +438,7 @@ def cmd_analyze(args) -> int:
     try:
         mode = prepare_run_dir(out, resume=args.resume, force=args.force)
     except CLIError:
-        rundir.cleanup() if rundir.created else rundir.release()
+        rundir.refuse()  # a folder it may not use: as it was
         raise
     try:
         return _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_start, cpu_start)
@@ -490,7 +494,7 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
     task_info = {"name": task_label if args.prompts is None else "jsonl", "n": len(task),
                  "seq_len": int(task.tokens.shape[1]), "metric": task.metric if isinstance(task.metric, str) else "callable"}
     if args.prompts:
-        task_info.update(prompts=str(Path(args.prompts).resolve()), prompts_sha256=file_sha256(Path(args.prompts)))
+        task_info.update(prompts=str(args.prompts), prompts_sha256=file_sha256(Path(args.prompts)))
     else:
         task_info.update(requested_n=args.n, requested_seq_len=args.seq_len)
     run = {"command": "selfrepair analyze", "argv": getattr(args, "argv", None), "settings": settings, "task": task_info,

@@ -217,7 +217,7 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
                 res.to_parquet(res_path)  # atomic
                 study.write_stamp("self-repair analysis", res_stamp, ["self_repair_result"])
         with timings("compare_estimates"):
-            comp = compare_estimates(model, task, res)
+            comp = compare_estimates(model, task, res, progress=progress)
         ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
         return {"groups": comp.groups, "estimates": comp.report, "head_summary": res.summary(),
                 "sweep": res.sweep(ths)}

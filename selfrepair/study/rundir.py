@@ -143,8 +143,9 @@ class RunLock:
     included), so a stale ``.lock`` file never blocks a later run. ``release()`` closes it.
     """
 
-    def __init__(self, run: Path, fd: int, owner: dict):
+    def __init__(self, run: Path, fd: int, owner: dict, created: bool = False):
         self.run, self.fd, self.owner = run, fd, owner
+        self.created = created  # this process made the .lock file (a refused folder gets it removed)
 
     @classmethod
     def acquire(cls, run: Path) -> "RunLock":
@@ -152,6 +153,7 @@ class RunLock:
         folder is not writable."""
         path = run / LOCK_NAME
         for _ in range(20):
+            existed = path.exists()
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
@@ -181,7 +183,7 @@ class RunLock:
             except OSError as e:
                 os.close(fd)
                 raise CLIError(f"cannot write to the run folder {run}: {_cause(e)}; choose a writable --out") from e
-            return cls(run, fd, owner)
+            return cls(run, fd, owner, created=not existed)
         raise CLIError(f"cannot lock the run folder {run}: it keeps being replaced")  # pragma: no cover
 
     def release(self) -> None:
@@ -222,6 +224,15 @@ class RunDir:
                 break  # not empty (someone else's files) or gone: leave it and its parents
 
     def release(self) -> None:
+        self.lock.release()
+
+    def refuse(self) -> None:
+        """This process will not run here: remove the folders it created, or else the ``.lock`` it added."""
+        if self.created:
+            self.cleanup()
+            return
+        if self.lock.created:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
         self.lock.release()
 
 
