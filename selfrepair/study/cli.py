@@ -548,9 +548,13 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
 def cmd_figures(args) -> int:
     run_dir = args.run_dir
     if run_dir is None:
-        out = default_out("default")
+        out = default_out("default")  # a new folder of our own (exclusive mkdir)
         rc = main(["analyze", "--out", str(out)])
         if rc:
+            try:
+                out.rmdir()  # only when the failed run left it empty
+            except OSError:
+                pass
             return rc
         run_dir = out
     return redraw(Path(run_dir), Path(args.out), png=args.png, plotlyjs=args.plotlyjs)
