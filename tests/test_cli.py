@@ -232,7 +232,13 @@ def test_full_run_writes_every_file_with_content(full_run):
     assert (out / "figures" / "plotly.min.js").is_file()
     for f in s["files"]:
         assert (out / f).is_file(), f
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+    hidden = [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert not [p for p in hidden if p.name.endswith(".tmp")], "temporary files left behind"
+    # the only hidden files: the owner's lock and the stages' settings stamps (docs/run-folder.md)
+    assert {str(p.relative_to(out)) for p in hidden} == {
+        ".lock", "checkpoints/.self_repair_result.stage.json",
+        *[f"tables/.stage-{x}.json" for x in ("self-repair-analysis-estimates", "head-attributions",
+                                              "token-attributions-faithfulness", "attention-row")]}
 
     # the printed summary states the numbers of the tables
     text = proc.stdout

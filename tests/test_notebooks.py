@@ -72,4 +72,11 @@ def test_notebook_executes(name, shipped_model, tmp_path, monkeypatch):
     assert all(c.execution_count for c in code)
     figs = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert figs, f"{name} produced no figure"
+    # outputs are the same wherever they were made: the shipped model is "default", no path of this machine
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
+
+    text = "\n".join(json.dumps(o.get("data", {}).get("text/plain", "")) + json.dumps(o.get("text", ""))
+                      for c in code for o in c.outputs)
+    for path in (str(ROOT), str(DEFAULT_MODEL_DIR), str(tmp_path)):
+        assert path not in text, f"{name}: an output names the path {path} of the machine that executed it"
     assert (ROOT / "notebooks" / name).read_bytes() == committed, "the test rewrote the committed notebook"

@@ -472,6 +472,7 @@ def run_z_edits(model, task: Task, edits: ZEdits, *, edits_per_forward: Optional
         raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}.")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"{name} (edits per forward) must be >= 1 (or None for automatic); got {batch_size}.")
+    validate_task(task, model)    # the one task check, also when clean= is given
     dims = model_facts(model)
     _validate(edits, task, dims)
     if clean is None:

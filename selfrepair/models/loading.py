@@ -98,7 +98,7 @@ def load_model(
                 "reinstall the package, or train it with `selfrepair train-default-model`, "
                 "or pass a local checkpoint directory / llama2.c .bin to load_model"
             )
-        model = _load_dir(DEFAULT_MODEL_DIR, device, dtype)
+        model = _load_dir(DEFAULT_MODEL_DIR, device, dtype, name="default")  # never a path of this machine
     elif isinstance(spec, (str, os.PathLike)):
         model = _load_path_or_name(spec, device, dtype)
     elif is_bridge(spec) or is_hooked_transformer(spec):
@@ -294,7 +294,7 @@ def _load_path_or_name(spec, device, dtype):
     s = os.fspath(spec)
     p = Path(s).expanduser()
     if p.is_dir():
-        return _load_dir(p, device, dtype)
+        return _load_dir(p, device, dtype, name=s)  # the model named as the user gave it
     if p.is_file():
         if p.suffix == ".bin":
 

@@ -21,6 +21,10 @@ A run folder holds ``run.json`` (the settings, written first), ``checkpoints/``
 last, ``summary.json``: a folder with ``summary.json`` is finished and is not
 overwritten without ``--force``; one without it continues with ``--resume``.
 Every file is written under a temporary name and renamed when complete.
+One process owns a run folder at a time (an OS lock on ``<run>/.lock``, taken
+before the model loads and released when the process ends in any way); clean-up
+removes only the files a run writes. A write that fails (disk full) is one line
+and the run stays resumable.
 
 User errors (unknown model offline, unreadable JSONL line, CUDA asked for but
 absent, bad option values) print one line on stderr and exit with status 2;
@@ -31,10 +35,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,8 +56,9 @@ from .. import tasks
 from ..training import Recipe, train_default_model
 from .pipeline import (EXIT_ERROR, first_line, is_dtype, format_summary, headline, make_figures,
                        model_info, redraw, run_study, write_figures, figure_index, Timings)
-from .rundir import (CLIError, clear_run_dir, default_out, file_sha256, has_partial_results,
-                     prepare_run_dir, resume_mismatch, versions, write_json)
+from .rundir import (CLIError, clear_run_dir, default_out, file_sha256, has_partial_results, jsonable,
+                     open_run_dir, prepare_run_dir, read_run_json, remove_run_files, resume_mismatch, study_key,
+                     versions, write_json)
 
 
 # --- defaults of the full study: 29 s on an idle 2-core machine, 141 s on a busy one (the budget is 5 minutes)
@@ -435,10 +440,58 @@ def cmd_analyze(args) -> int:
     settings = settings_from_args(args)
     device = resolve_device(args.device)
     task_label = Path(args.prompts).stem if args.prompts else (args.task or DEFAULT_TASK)
-    out = Path(args.out) if args.out else default_out(task_label)
-    mode = prepare_run_dir(out, resume=args.resume, force=args.force)
+    # the folder is created (default names by an exclusive mkdir) and locked before the model loads: an
+    # unwritable --out or a folder another process runs in is one line at once
+    rundir = open_run_dir(Path(args.out) if args.out else None, task_label)
+    out = rundir.path
+    try:
+        mode = prepare_run_dir(out, resume=args.resume, force=args.force)
+    except CLIError:
+        rundir.refuse()  # a folder it may not use: as it was
+        raise
+    try:
+        return _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_start, cpu_start)
+    except KeyboardInterrupt:
+        print(f"selfrepair: interrupted; partial results are kept in {out}: run the same command with --resume "
+              "to continue", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if not _is_write_error(e, out):
+            _clean_after_failure(rundir, mode)
+            raise
+        # disk full, read-only, permissions: keep everything (the run stays resumable), one line naming the file
+        where = getattr(e, "filename", None) or out
+        then = ("run the same command with --resume to continue" if (out / "run.json").is_file()
+                else "run the same command again")
+        raise CLIError(f"cannot write {where}: {_cause(e)}; what was done is kept in {out}: free space (or fix the "
+                       f"permissions) and {then}") from e
+    except BaseException:
+        _clean_after_failure(rundir, mode)
+        raise
+    finally:
+        rundir.release()
 
 
+def _is_write_error(e: OSError, out: Path) -> bool:
+    """Disk full, read-only, no permission (:data:`WRITE_ERRNOS`), or any OSError about a path in the run folder."""
+    f = getattr(e, "filename", None)
+    return e.errno in WRITE_ERRNOS or (f is not None and str(out) in str(f))
+
+
+def _clean_after_failure(rundir, mode: str) -> None:
+    """A new run that failed before keeping any partial result leaves nothing behind: only our files, and the
+    folders we created when empty (an option value the analysis rejects, found late)."""
+    out = rundir.path
+    if mode == "resume" or has_partial_results(out):
+        return
+    if rundir.created:
+        rundir.cleanup()
+    else:  # the folder was there (empty, or a run --force cleared): our files go, the folder stays
+        remove_run_files(out, lock=mode == "new")
+
+
+def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_start, cpu_start) -> int:
+    out = rundir.path
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -450,7 +503,7 @@ def cmd_analyze(args) -> int:
     task_info = {"name": task_label if args.prompts is None else "jsonl", "n": len(task),
                  "seq_len": int(task.tokens.shape[1]), "metric": task.metric if isinstance(task.metric, str) else "callable"}
     if args.prompts:
-        task_info.update(prompts=str(Path(args.prompts).resolve()), prompts_sha256=file_sha256(Path(args.prompts)))
+        task_info.update(prompts=str(args.prompts), prompts_sha256=file_sha256(Path(args.prompts)))
     else:
         task_info.update(requested_n=args.n, requested_seq_len=args.seq_len)
     run = {"command": "selfrepair analyze", "argv": getattr(args, "argv", None), "settings": settings, "task": task_info,
@@ -459,7 +512,7 @@ def cmd_analyze(args) -> int:
            "device": device, "threads": torch.get_num_threads(), "versions": versions(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if mode == "resume":
-        old = json.loads((out / "run.json").read_text())
+        old = read_run_json(out / "run.json")
         detail = resume_mismatch(old, run)
         if detail:
             raise CLIError(f"--resume: the options differ from the interrupted run's in {out} ({detail}); "
@@ -469,21 +522,13 @@ def cmd_analyze(args) -> int:
     else:
         if mode == "overwrite":
             clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", run)
 
     progress = bool(settings.get("progress", True))
-    try:
-        res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
-                        attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings)
-    except KeyboardInterrupt:
-        print(f"selfrepair: interrupted; partial results are kept in {out}: run the same command with --resume "
-              "to continue", file=sys.stderr)
-        return 130
-    except Exception:
-        if mode != "resume" and not has_partial_results(out):
-            shutil.rmtree(out, ignore_errors=True)  # e.g. a bad option value found by the API: leave nothing behind
-        raise
+    key = dict(study_key(jsonable(run)), weights_sha256=run["model"].get("weights_sha256"))
+    res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
+                    attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings,
+                    resume=mode == "resume", key=key)
     tables = res["tables"]
     info = run["model"]
     with timings("figures"):
@@ -527,9 +572,13 @@ def cmd_analyze(args) -> int:
 def cmd_figures(args) -> int:
     run_dir = args.run_dir
     if run_dir is None:
-        out = default_out("default")
+        out = default_out("default")  # a new folder of our own (exclusive mkdir)
         rc = main(["analyze", "--out", str(out)])
         if rc:
+            try:
+                out.rmdir()  # only when the failed run left it empty
+            except OSError:
+                pass
             return rc
         run_dir = out
     return redraw(Path(run_dir), Path(args.out), png=args.png, plotlyjs=args.plotlyjs)
@@ -603,13 +652,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"selfrepair: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except OSError as e:
+        # a file the command had to write (or read) and could not: one line naming it and the cause
+        if _debug() or (not isinstance(e, FileNotFoundError) and e.errno not in WRITE_ERRNOS):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"selfrepair: error: {where}{_cause(e) if not isinstance(e, FileNotFoundError) else first_line(e)}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, RuntimeError) as e:
         # bad input found by the library itself (k out of range, unknown head, a model it cannot analyse):
         # one line, not a traceback; anything else is a bug and keeps its traceback
         if _debug() or not _is_user_error(e):
             raise
         print(f"selfrepair: error: {first_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+#: OSError numbers that mean "cannot write here" (one line, exit 2): full disk or quota, read-only, permissions
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _cause(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or first_line(e)
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -22,10 +22,9 @@ from ..analysis.faithfulness import faithfulness
 from ..analysis.identity import model_hash
 from ..analysis.results import SelfRepairResult, overall_sweep, read_result_info
 from ..analysis.self_repair import analyze_self_repair
-from ..models.loading import DEFAULT_MODEL_DIR
 from ..models.probe import probe
 from ..report import figures as plots
-from .rundir import CLIError, read_table, write_table
+from .rundir import CLIError, read_run_json, read_table, settings_hash, write_json, write_table
 
 EXIT_ERROR = 2
 
@@ -70,7 +69,7 @@ def first_line(e: BaseException) -> str:
 def model_info(model, spec) -> dict:
     cfg = getattr(model, "cfg", None)
     info = {"spec": spec if spec is not None else "default",
-            "path": str(DEFAULT_MODEL_DIR) if spec is None else str(spec),
+            "path": "default" if spec is None else str(spec),  # as given: no path of the machine that ran it
             "class": type(model).__name__,
             "weights_sha256": model_hash(model)}  # the analysis' own hash (selfrepair.analysis.model_hash)
     for k in ("n_layers", "n_heads", "d_model", "d_head", "n_ctx", "d_vocab"):
@@ -105,42 +104,79 @@ class Timings:
 
 
 class Study:
-    """One ``selfrepair analyze`` run: stages that each write their tables and are skipped on --resume."""
+    """One ``selfrepair analyze`` run: stages that each write their tables and a settings stamp beside them.
 
-    def __init__(self, out: Path, progress: bool, timings: Timings):
+    A stage's tables are read back instead of recomputed only when ``resume`` is set, all its tables exist
+    and its stamp (``tables/.stage-<name>.json``, written after the tables) holds the hash of this run's
+    ``key``; tables that cannot be read are recomputed with a warning.
+    """
+
+    def __init__(self, out: Path, progress: bool, timings: Timings, *, resume: bool = False,
+                 key: Optional[dict] = None):
         self.out = out
         self.tables = out / "tables"
         self.progress = progress
         self.timings = timings
+        self.resume = resume
+        self.key_hash = settings_hash(key if key is not None else {})
         self.resumed: list[str] = []
 
     def has(self, name: str) -> bool:
         return (self.tables / f"{name}.parquet").is_file() and (self.tables / f"{name}.csv").is_file()
 
+    def stamp_path(self, label: str) -> Path:
+        return self.tables / f".stage-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.json"
+
+    def reusable(self, label: str, paths: list[Path], stamp: Path) -> bool:
+        """May the files ``paths`` of stage ``label`` be read back? (--resume, all present, stamp matches)"""
+        if not self.resume or not all(p.is_file() for p in paths):
+            return False
+        try:
+            ok = json.loads(stamp.read_text()).get("settings_sha256") == self.key_hash
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            self._say(f"[{label}] the tables in {self.out} were not made with this run's settings "
+                      f"({stamp.name} missing or different): recomputing", always=True)
+        return ok
+
+    def write_stamp(self, label: str, stamp: Path, names: list[str]) -> None:
+        write_json(stamp, {"stage": label, "tables": names, "settings_sha256": self.key_hash})
+
     def stage(self, label: str, names: list[str], compute: Callable[[], dict]):
-        """Tables ``names`` from disk when all exist (resume), else ``compute()`` and write them."""
-        if all(self.has(n) for n in names):
-            self.resumed.append(label)
-            self._say(f"[{label}] kept from the interrupted run")
-            return {n: read_table(self.tables, n) for n in names}
+        """Tables ``names`` from disk when reusable (see the class), else ``compute()`` and write them."""
+        stamp = self.stamp_path(label)
+        files = [self.tables / f"{n}.{ext}" for n in names for ext in ("parquet", "csv")]
+        if self.reusable(label, files, stamp):
+            try:
+                out = {n: read_table(self.tables, n) for n in names}
+            except Exception as e:  # a damaged table is never trusted
+                self._say(f"[{label}] warning: a table in {self.tables} cannot be read ({first_line(e)}): "
+                          "recomputing", always=True)
+            else:
+                self.resumed.append(label)
+                self._say(f"[{label}] kept from the interrupted run")
+                return out
+        stamp.unlink(missing_ok=True)
         with self.timings(label):
             out = compute()
             for n in names:
                 write_table(self.tables, n, out[n])
+            self.write_stamp(label, stamp, names)
         self._say(f"[{label}] done in {self.timings.wall[label]:.1f} s")
         return out
 
-    def _say(self, msg: str):
-        if self.progress:
+    def _say(self, msg: str, always: bool = False):
+        if self.progress or always:
             print(msg, file=sys.stderr, flush=True)
 
 
 def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, attribution_n: int, seed: int,
-              progress: bool, timings: Timings) -> dict:
+              progress: bool, timings: Timings, resume: bool = False, key: Optional[dict] = None) -> dict:
     """Run every stage of the study into ``out``; returns the tables by name and the analysis meta.
 
-    Stages (each writes its tables atomically; on --resume a stage whose tables
-    exist is read back instead of recomputed):
+    Stages (each writes its tables atomically, then a stamp with the hash of ``key``, the run's identity;
+    with ``resume`` a stage whose tables exist and whose stamp matches is read back instead of recomputed):
 
     1. ``analyze_self_repair`` with ``checkpoint_dir`` (partial results batch by
        batch; the finished result is kept in ``checkpoints/self_repair_result.parquet``),
@@ -155,23 +191,36 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     """
 
 
-    study = Study(out, progress, timings)
+    study = Study(out, progress, timings, resume=resume, key=key)
     ck = settings.get("checkpoint_dir") or str(out / "checkpoints" / "self_repair")
     res_path = out / "checkpoints" / "self_repair_result.parquet"
+    res_stamp = out / "checkpoints" / ".self_repair_result.stage.json"
     torch.manual_seed(seed)
 
+    def read_result():
+        if not study.reusable("self-repair analysis", [res_path], res_stamp):
+            return None
+        try:
+            return SelfRepairResult.read_parquet(res_path)
+        except Exception as e:  # a damaged file is never trusted: recompute (the batch checkpoints remain)
+            study._say(f"[self-repair analysis] warning: {res_path} cannot be read ({first_line(e)}): recomputing",
+                       always=True)
+            return None
+
     def groups_stage():
-        if res_path.is_file():
-            res = SelfRepairResult.read_parquet(res_path)
+        res = read_result()
+        if res is not None:
             study.resumed.append("self-repair analysis")
         else:
+            res_stamp.unlink(missing_ok=True)
             with timings("self-repair analysis"):
                 kw = api_kwargs(settings)
                 kw["checkpoint_dir"] = ck
                 res = analyze_self_repair(model, task, **kw)
                 res.to_parquet(res_path)  # atomic
+                study.write_stamp("self-repair analysis", res_stamp, ["self_repair_result"])
         with timings("compare_estimates"):
-            comp = compare_estimates(model, task, res)
+            comp = compare_estimates(model, task, res, progress=progress)
         ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
         return {"groups": comp.groups, "estimates": comp.report, "head_summary": res.summary(),
                 "sweep": res.sweep(ths)}
@@ -195,7 +244,10 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
                                 lambda: {"attention_row": attention_row_data(model, task, g)}))
         tabs.update(study.stage("attention rows (report drill-down)", ["attention_rows"],
                                 lambda: {"attention_rows": attention_rows_table(model, task, g)}))
-    meta = read_result_info(res_path).get("meta", {}) if res_path.is_file() else {}
+    try:
+        meta = read_result_info(res_path).get("meta", {}) if res_path.is_file() else {}
+    except Exception:  # pragma: no cover - the file was just read or written whole
+        meta = {}
     return {"tables": tabs, "resumed": study.resumed, "analysis_meta": meta}
 
 
@@ -332,7 +384,7 @@ def figure_index(figs: dict, fig_dir: Path, *, png: bool) -> dict:
 def redraw(run_dir: Path, out: Path, *, png: bool, plotlyjs: str) -> int:
     if not (run_dir / "summary.json").is_file():
         raise CLIError(f"{run_dir} is not a finished selfrepair run (no summary.json)")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_run_json(run_dir / "summary.json", hint=f"run the study again with --out {run_dir} --force")
     tables_dir = run_dir / "tables"
     tables = {p.stem: read_table(tables_dir, p.stem) for p in sorted(tables_dir.glob("*.parquet"))}
     info = summary.get("model", {})

@@ -3,16 +3,28 @@
 A run folder holds ``run.json`` (the settings, written first), ``checkpoints/``, ``tables/``, ``figures/``
 and, last, ``summary.json``: a folder with ``summary.json`` is finished; one without it continues with
 ``--resume`` when its identity (``study_key``) matches.
+
+One process owns a run folder at a time: :class:`RunLock` holds an OS lock (``fcntl.flock``) on
+``<run>/.lock``, which the kernel releases when the process ends in any way (SIGKILL included); a second
+process is refused with one line naming the owner. :func:`open_run_dir` creates (default names by an
+exclusive ``mkdir``, so two runs never share one) and locks the folder before the model loads, which also
+proves it writable. Clean-up (:func:`remove_run_files`) removes only the files a run writes, by name, and
+folders only when empty.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import platform
-import shutil
+import re
+import socket
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -20,8 +32,9 @@ import pandas as pd
 from .._io import atomic_write
 from ..analysis.identity import identity_changes, versions as package_versions
 
-__all__ = ["CLIError", "write_json", "jsonable", "write_table", "read_table", "versions", "default_out",
-           "prepare_run_dir", "clear_run_dir", "study_key", "resume_mismatch", "has_partial_results", "file_sha256"]
+__all__ = ["CLIError", "RunInUse", "RunLock", "RunDir", "open_run_dir", "remove_run_files", "LOCK_NAME", "settings_hash",
+           "write_json", "jsonable", "write_table", "read_table", "versions", "default_out",
+           "prepare_run_dir", "clear_run_dir", "study_key", "resume_mismatch", "read_run_json", "RUN_FILES", "has_partial_results", "file_sha256"]
 
 
 class CLIError(Exception):
@@ -83,14 +96,172 @@ def versions() -> dict:
                          "numpy", "pyarrow"))}
 
 
-def default_out(task_label: str) -> Path:
+def default_out(task_label: str, root: Path = Path("runs")) -> Path:
+    """A new, empty folder ``root/<YYYYMMDD-HHMMSS>-<task>`` (``-2``, ``-3``, ... when taken), created here.
+
+    Each name is claimed with an exclusive ``mkdir`` (``exist_ok=False``), so two processes started in the same
+    second never get the same folder.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{stamp}-{task_label}"
-    out, i = base, 1
-    while out.exists():
-        i += 1
-        out = base.with_name(f"{base.name}-{i}")
-    return out
+    base = f"{stamp}-{task_label}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create the run folder under {root}: {_cause(e)}; choose a writable --out") from e
+    for i in range(1, 10_000):
+        out = root / (base if i == 1 else f"{base}-{i}")
+        try:
+            out.mkdir(exist_ok=False)
+            return out
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise CLIError(f"cannot create the run folder {out}: {_cause(e)}; choose a writable --out") from e
+    raise CLIError(f"no free run folder name {root / base}-N; choose --out")  # pragma: no cover
+
+
+def _cause(e: BaseException) -> str:
+    """``strerror`` of an OSError (``No space left on device``), else its first line."""
+    s = getattr(e, "strerror", None)
+    if s:
+        return s
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+LOCK_NAME = ".lock"
+
+
+class RunInUse(CLIError):
+    """The run folder is locked by another live process."""
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``<run>/.lock``, which holds the owner's pid, host and start time.
+
+    The lock belongs to the open file: the kernel drops it when this process ends in any way (SIGKILL
+    included), so a stale ``.lock`` file never blocks a later run. ``release()`` closes it.
+    """
+
+    def __init__(self, run: Path, fd: int, owner: dict, created: bool = False):
+        self.run, self.fd, self.owner = run, fd, owner
+        self.created = created  # this process made the .lock file (a refused folder gets it removed)
+
+    @classmethod
+    def acquire(cls, run: Path) -> "RunLock":
+        """Lock ``run`` (an existing folder) or raise :class:`RunInUse` naming the owner; ``CLIError`` when the
+        folder is not writable."""
+        path = run / LOCK_NAME
+        for _ in range(20):
+            existed = path.exists()
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise CLIError(f"cannot write to the run folder {run}: {_cause(e)}; choose a writable --out") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                owner = _read_owner(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise CLIError(f"cannot lock the run folder {run}: {_cause(e)}") from e
+                raise RunInUse(f"{run} is in use by another selfrepair run ({describe_owner(owner)}); wait for it "
+                               "to finish or choose another --out") from None
+            try:  # the file we locked must still be the folder's .lock (a failed run may have removed it meanwhile)
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                if not run.is_dir():
+                    raise CLIError(f"the run folder {run} was removed while this run started; run the command again")
+                continue
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, (json.dumps(owner) + "\n").encode())
+            except OSError as e:
+                os.close(fd)
+                raise CLIError(f"cannot write to the run folder {run}: {_cause(e)}; choose a writable --out") from e
+            return cls(run, fd, owner, created=not existed)
+        raise CLIError(f"cannot lock the run folder {run}: it keeps being replaced")  # pragma: no cover
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the flock
+            self.fd = None
+
+
+def _read_owner(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_owner(owner: dict) -> str:
+    if not owner.get("pid"):
+        return "its owner is just starting"
+    return f"pid {owner['pid']} on {owner.get('host', '?')} since {owner.get('since', '?')}"
+
+
+class RunDir:
+    """A run folder this process has locked; ``created`` lists the folders it made (outermost first)."""
+
+    def __init__(self, path: Path, lock: RunLock, created: list[Path]):
+        self.path, self.lock, self.created = path, lock, created
+
+    def cleanup(self) -> None:
+        """Remove what this run wrote (by name: :func:`remove_run_files`) and the folders it created when they are
+        empty; anything else stays. Releases the lock."""
+        remove_run_files(self.path, lock=True)
+        self.lock.release()
+        for d in reversed(self.created):
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty (someone else's files) or gone: leave it and its parents
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def refuse(self) -> None:
+        """This process will not run here: remove the folders it created, or else the ``.lock`` it added."""
+        if self.created:
+            self.cleanup()
+            return
+        if self.lock.created:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+        self.lock.release()
+
+
+def open_run_dir(out: Optional[Path], task_label: str) -> RunDir:
+    """Create (when missing) and lock the run folder ``out``, or a new default folder under ``runs/`` when
+    ``out`` is None. Runs before the model loads: an unwritable folder is one ``CLIError`` line at once."""
+    created: list[Path] = []
+    if out is None:
+        out = default_out(task_label)
+        created.append(out)
+    else:
+        missing = [p for p in [out, *out.parents] if not p.exists()]
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {out} exists and is not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CLIError(f"cannot create --out {out}: {_cause(e)}; choose a writable folder") from e
+        created += sorted(missing, key=lambda p: len(p.parts))
+    try:
+        lock = RunLock.acquire(out)
+    except CLIError:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return RunDir(out, lock, created)
 
 
 def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> str:
@@ -101,7 +272,7 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> str:
         return "new"
     if not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
-    entries = [e for e in out.iterdir()]
+    entries = [e for e in out.iterdir() if e.name != LOCK_NAME]
     ours = (out / "run.json").is_file()
     finished = (out / "summary.json").is_file()
     if not entries:
@@ -121,13 +292,60 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> str:
     return "resume"
 
 
+#: the files a selfrepair run writes, by folder (regular expressions on the file name); temporary files of
+#: ``atomic_write`` (``.<name>.<random>.tmp``) are matched everywhere
+RUN_FILES = {
+    ".": r"run\.json|summary\.json|report\.html",
+    "tables": r"[a-z0-9_]+\.(parquet|csv)|\.stage-[a-z0-9_-]+\.json",
+    "figures": r"\d\d_[a-z0-9_]+\.(html|png)|plotly\.min\.js",
+    "checkpoints": r"self_repair_result\.parquet|\.self_repair_result\.stage\.json",
+    "checkpoints/self_repair": r"run\.json|batch_\d+_\d+\.parquet",
+}
+_TMP = r"\..+\.tmp"
+
+
+def remove_run_files(out: Path, *, lock: bool = False) -> None:
+    """Remove the files a selfrepair run writes in ``out`` (:data:`RUN_FILES`, by name; ``.lock`` too when ``lock``),
+    then its subfolders when empty. Files of any other name, and folders holding them, stay."""
+    for sub, pattern in RUN_FILES.items():
+        d = out / sub
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.is_file() and (re.fullmatch(pattern, p.name) or re.fullmatch(_TMP, p.name)):
+                p.unlink(missing_ok=True)
+    for sub in ("figures", "tables", "checkpoints/self_repair", "checkpoints"):
+        try:
+            (out / sub).rmdir()
+        except OSError:
+            pass  # missing, or holds files that are not ours
+    if lock:
+        (out / LOCK_NAME).unlink(missing_ok=True)
+
+
 def clear_run_dir(out: Path) -> None:
-    """Remove what a selfrepair run writes in ``out`` (only our own files and folders)."""
-    for name in ("summary.json", "run.json"):
-        (out / name).unlink(missing_ok=True)
-    for name in ("tables", "figures", "checkpoints"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+    """``--force``: remove what a selfrepair run writes in ``out`` (only our own files, by name; see
+    :func:`remove_run_files`); the folder and the lock stay."""
+    remove_run_files(out)
+
+
+def settings_hash(key: dict) -> str:
+    """sha256 of a JSON-able identity (sorted keys): what a stage's tables were computed with."""
+    return hashlib.sha256(json.dumps(jsonable(key), sort_keys=True).encode()).hexdigest()
+
+
+def read_run_json(path: Path, hint: Optional[str] = None) -> dict:
+    """A run's ``run.json`` (or ``summary.json``); a damaged file is a ``CLIError`` naming it and ``hint`` (what to
+    do; by default: ``--force`` to start over)."""
+    try:
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        return obj
+    except (ValueError, UnicodeDecodeError) as e:
+        hint = hint or (f"the run in {path.parent} cannot be continued: pass --force to start it over "
+                        "(or choose another --out)")
+        raise CLIError(f"{path} is damaged ({_cause(e)}); {hint}") from e
 
 
 def study_key(run: dict) -> dict:
