@@ -238,7 +238,8 @@ def test_full_run_writes_every_file_with_content(full_run):
     assert {str(p.relative_to(out)) for p in hidden} == {
         ".lock", "checkpoints/.self_repair_result.stage.json",
         *[f"tables/.stage-{x}.json" for x in ("self-repair-analysis-estimates", "head-attributions",
-                                              "token-attributions-faithfulness", "attention-row")]}
+                                              "token-attributions-faithfulness", "attention-row",
+                                              "attention-rows-report-drill-down")]}
 
     # the printed summary states the numbers of the tables
     text = proc.stdout
