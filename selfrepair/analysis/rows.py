@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .._typing import Bool, Float, Int, Tensor
 
 __all__ = ["row_effects", "local_effects", "select_keys", "interaction_ratio", "subset_bits", "shapley_matrix",
-           "check_mode", "ABLATIONS", "VALUE_ABLATIONS", "SELECT_MODES", "MAX_K"]
+           "check_mode", "check_temperature", "ABLATIONS", "VALUE_ABLATIONS", "SELECT_MODES", "MAX_K"]
 
 
 ABLATIONS = ("mean", "knockout")
@@ -199,6 +200,7 @@ def local_effects(
     """
     check_mode("ablation", ablation, ABLATIONS)
     check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
+    temperature = check_temperature(temperature)
     dt = torch.float64
     a = torch.as_tensor(scores).to(dt)
     v = torch.as_tensor(values).to(dt)
@@ -222,6 +224,15 @@ def local_effects(
     v_rest = torch.einsum("rn,rnd->rd", s_rest, v)
     return row_effects(a, mask, c, keys, mean_mask, ablation=ablation, value_ablation=value_ablation,
                         temperature=temperature, v_keys=vK, v_rest=v_rest)
+
+
+def check_temperature(temperature) -> float:
+    """The TSG temperature T as a float: a finite number > 0, else one ValueError (inf would give NaN
+    estimates, 0 or a negative T no softmax)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(temperature)) or not float(temperature) > 0:
+        raise ValueError(f"temperature must be a finite number > 0 (the TSG temperature T); got {temperature!r}.")
+    return float(temperature)
 
 
 def check_mode(name: str, value, valid: Sequence[str]) -> None:

@@ -74,8 +74,8 @@ from ..tasks import Task, bos_id, validate_task
 from .checkpoint import BatchCheckpoint
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
-from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, interaction_ratio, row_effects,
-                   select_keys)
+from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, check_temperature, interaction_ratio,
+                   row_effects, select_keys)
 
 __all__ = ["analyze_self_repair"]
 
@@ -105,8 +105,7 @@ def _validate(model, task, backend, *, k, min_contribution, select, threshold, m
             raise ValueError(f"{nm} must be a finite number >= 0; got {v!r}.")
     if not isinstance(min_contribution, (int, float, np.floating, np.integer)) or not math.isfinite(min_contribution):
         raise ValueError(f"min_contribution must be a finite number (metric units); got {min_contribution!r}.")
-    if not isinstance(temperature, (int, float, np.floating, np.integer)) or not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}.")
+    check_temperature(temperature)
     check_mode("select mode", select, SELECT_MODES)
     check_mode("ablation", ablation, ABLATIONS)
     check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
