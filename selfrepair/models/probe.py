@@ -316,7 +316,14 @@ class _Prober:
 
     def run(self) -> Backend:
         """Every measurement in order, then the Backend they describe."""
-        self.collect()
+        try:
+            self.collect()
+        except (RuntimeError, NotImplementedError) as e:
+            if not self.eps:
+                raise
+            name = str(self.dtype).replace("torch.", "")
+            raise ProbeError(f"the model cannot run in {name} on {self.device} ({str(e).strip().splitlines()[0]}); "
+                             "load it with dtype=torch.float32 (selfrepair.load_model(spec, dtype=torch.float32))") from e
         att = self._attention_sites()
         kv_head_of = self._kv_heads(att)
         scores = self._scores_site(att)
