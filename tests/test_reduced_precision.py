@@ -171,3 +171,15 @@ def test_a_dtype_the_model_cannot_run_is_named():
         assert "float16" in str(e)
     else:                                             # one that has them: the model simply loads and probes
         assert next(m16.parameters()).dtype == torch.float16 and selfrepair.probe(m16).score_site == "scores"
+
+
+@pytest.mark.parametrize("method", ["grad", "gim"])
+def test_explain_of_a_bf16_model_is_float32_arithmetic(method):
+    m16 = make_llama_bridge(dtype=BF16)
+    twin = f32_twin(m16)
+    task = rand_task(m16)
+    before = weights(m16)
+    got = selfrepair.explain(m16, task, method=method, baseline_id=3, progress=False).tensor
+    ref = selfrepair.explain(twin, task, method=method, baseline_id=3, progress=False).tensor
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert all(torch.equal(before[k], v) for k, v in weights(m16).items())
