@@ -670,7 +670,7 @@ def native_twin(info: dict, device: str, seed: int = 0):
 
 
 def gim_variants(model, with_theirs: bool, components: bool):
-    from selfrepair.gim import gim
+    from selfrepair import gim  # the public context manager
 
     v = {"plain": nullcontext, "selfrepair.gim": lambda: gim(model)}
     if with_theirs:

@@ -32,8 +32,8 @@ def n_hooks(model) -> int:
 
 
 def n_torch_hooks(model) -> int:
-    """Forward (pre-)hooks registered on the root module itself (gim's forward check lives there)."""
-    return len(model._forward_pre_hooks) + len(model._forward_hooks)
+    """Forward (pre-)hooks registered on the model and its blocks (where gim's forward check lives)."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in [model, *model.blocks])
 
 
 def embed_grad(model, tokens, *ctxs):
@@ -128,6 +128,13 @@ def test_reset_hooks_including_permanent_is_detected(gpt2_bridge64):
             model(toks)
             model.reset_hooks(including_permanent=True)
     assert n_hooks(model) == 0 and n_torch_hooks(model) == base_t
+    # ... also in a forward that calls model.forward directly (run_with_hooks, start_at_layer)
+    with pytest.raises(GIMHookError, match="forward pass"):
+        with gim(model):
+            model.reset_hooks(including_permanent=True)
+            model.run_with_hooks(toks)
+    assert n_hooks(model) == 0 and n_torch_hooks(model) == base_t
+    assert all(len(b._forward_pre_hooks) == 0 for b in model.blocks)
 
 
 def test_one_removed_hook_is_detected_and_user_hooks_survive(gpt2_bridge64):

@@ -280,7 +280,7 @@ class _HookSet:
         """The hooks gim added that are no longer registered at their hook point (e.g. removed by
         ``model.reset_hooks(including_permanent=True)`` or ``hook_point.remove_hooks(...)``)."""
         out = []
-        for (component, name), (hp, handle) in self.handle_of.items():
+        for (component, name), (hp, handle) in list(self.handle_of.items()):
             hid = getattr(handle.hook, "id", None)
             fwd = getattr(hp, "_forward_hooks", None)
             if hid is not None and fwd is not None:
@@ -554,11 +554,13 @@ def gim(
             stack.callback(_ACTIVE.pop, model, None)
         except TypeError:
             pass
-        # every forward pass through the model checks that gim's hooks are all still there
-        register = getattr(model, "register_forward_pre_hook", None)
-        if register is not None:
-            pre = register(lambda module, args: hooks.verify("at a forward pass inside the block"))
-            stack.callback(pre.remove)
+        # every forward pass through the model checks that gim's hooks are all still there: at the model
+        # itself and at each block (``run_with_hooks`` and ``start_at_layer`` call ``forward`` directly)
+        for module in [model, *list(getattr(model, "blocks", None) or [])]:
+            register = getattr(module, "register_forward_pre_hook", None)
+            if register is not None:
+                pre = register(lambda module, args: hooks.verify("at a forward pass inside the block"))
+                stack.callback(pre.remove)
         if T is not None:
             stack.enter_context(_tsg(hooks, backend, T))
         if freeze_norm:
