@@ -64,6 +64,13 @@ machine and, on a shared machine, on its load).
    GPU's peak for the precision used (float32; the FP32 CUDA-core peak, or the dense
    TF32 tensor-core peak with ``--tf32``).
 
+5. Reduced precision (``bf16``; docs/quantities.md, "Reduced precision"): the shipped model loaded in
+   float32 and in bfloat16, ``analyze_self_repair`` on the code-copy task (``--bf16-prompts``, default 32;
+   ``min_contribution`` 0.3, about 70 groups, so that one group is ~1.4% of the overlap): ``bf16_group_overlap``
+   (|common| / |union| of the (prompt, layer, head, query) groups), ``bf16_flag_agreement`` (same
+   ``self_repair`` flag on the common groups), ``bf16_effect_rel_diff`` (median |E_S(bf16) - E_S(f32)| / |E_S(f32)|).
+   Goals: >= 0.95, >= 0.95, <= 0.02 (issue 14).
+
 Threads: ``--threads`` (default 1) intra-op threads on the CPU. On a 2-core machine
 shared with other jobs, 2 OpenMP threads contend and a forward can run 40x slower
 than on one; 1 thread keeps the ratios meaningful. ``--threads 2`` uses both cores
@@ -130,6 +137,7 @@ GPU_PEAKS = [
 
 GOAL_DIFF = 1e-4
 GOAL_GIM = 1.2
+GOAL_BF16 = dict(overlap=0.95, flag=0.95, rel=0.02)
 
 
 # =========================================================================== small helpers
@@ -745,6 +753,33 @@ def bench_gim(model, info, jobs: List[tuple], args, device: str, label: str, wit
 # =========================================================================== driver
 
 
+def bench_bf16(args, device: str) -> dict:
+    """Section 5: the shipped model in bfloat16 against float32 (module docstring)."""
+    import selfrepair
+    from selfrepair import tasks
+
+    if not default_model_exists():
+        return dict(error="the shipped default model is not there")
+    key = ["prompt", "layer", "head", "query"]
+    m32 = selfrepair.load_model(device=device, dtype=torch.float32)
+    m16 = selfrepair.load_model(device=device, dtype=torch.bfloat16)
+    task = tasks.load("code-copy", m32, n=args.bf16_prompts, seed=args.seed)
+    kw = dict(min_contribution=0.3, progress=False)
+    res, secs = {}, {}
+    for name, m in (("float32", m32), ("bfloat16", m16)):
+        t0 = time.perf_counter()
+        res[name] = selfrepair.analyze_self_repair(m, task, **kw).groups.set_index(key)
+        secs[name] = time.perf_counter() - t0
+    a, b = res["float32"], res["bfloat16"]
+    common = a.index.intersection(b.index)
+    ej, ej16 = a.loc[common, "effect_joint"], b.loc[common, "effect_joint"]
+    return dict(task="code-copy", prompts=len(task), min_contribution=0.3, groups_float32=len(a), groups_bfloat16=len(b),
+                groups_common=len(common), overlap=len(common) / max(1, len(a.index.union(b.index))),
+                flag_agreement=float((a.loc[common, "self_repair"] == b.loc[common, "self_repair"]).mean()),
+                effect_rel_diff=float(((ej16 - ej).abs() / ej.abs()).median()),
+                seconds_float32=secs["float32"], seconds_bfloat16=secs["bfloat16"])
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON line last")
@@ -767,7 +802,8 @@ def parse(argv=None):
     g.add_argument("--baseline-sample", type=int, default=None, help="baseline ablations timed per round")
     g.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls (peak share vs the TF32 peak)")
     s = ap.add_argument_group("sections and sizes")
-    s.add_argument("--skip", default="", help="comma list of sections to skip: global, local, gim")
+    s.add_argument("--skip", default="", help="comma list of sections to skip: global, local, gim, bf16")
+    s.add_argument("--bf16-prompts", type=int, default=None, help="code-copy prompts of the bf16 section (32)")
     s.add_argument("--local-lengths", default=None, help="main model lengths for the local analysis (128,256)")
     s.add_argument("--local-prompts", type=int, default=None)
     s.add_argument("--gpt2-lengths", default=None,
@@ -793,7 +829,7 @@ def parse(argv=None):
         local_lengths="64" if q else "128,256", local_prompts=2 if q else (16 if cuda else 8),
         gpt2_lengths="" if q else "128,256,512,1024", gim_lengths="32,64" if q else "64,128,256",
         gim_prompts=2 if q else 8, gim_gpt2_lengths="" if q else "128,512", gim_rounds=3 if q else 5,
-        min_sample=0.05 if q else 0.5,
+        min_sample=0.05 if q else 0.5, bf16_prompts=8 if q else 32,
     )
     for key, v in dflt.items():
         if getattr(a, key) is None:
@@ -802,9 +838,9 @@ def parse(argv=None):
     a.local_lengths, a.gpt2_lengths = ints(a.local_lengths), ints(a.gpt2_lengths)
     a.gim_lengths, a.gim_gpt2_lengths = ints(a.gim_lengths), ints(a.gim_gpt2_lengths)
     a.skip = {x.strip() for x in a.skip.split(",") if x.strip()}
-    bad = a.skip - {"global", "local", "gim"}
+    bad = a.skip - {"global", "local", "gim", "bf16"}
     if bad:
-        ap.error(f"--skip: unknown sections {sorted(bad)}; valid: global, local, gim")
+        ap.error(f"--skip: unknown sections {sorted(bad)}; valid: global, local, gim, bf16")
     if a.threads < 1:
         ap.error("--threads must be >= 1")
     return a
@@ -877,6 +913,18 @@ def report(out: dict) -> str:
                 L.append("|  components alone | | " + ", ".join(
                     f"{k[5:]}: {fmt(v) if not isinstance(v, str) else v}" for k, v in r["components_overhead"].items())
                          + " | |")
+    b = out.get("bf16")
+    if b and "error" not in b:
+        L.append("")
+        L.append(f"## bfloat16 vs float32 (shipped model, {b['task']}, {b['prompts']} prompts, min_contribution "
+                 f"{b['min_contribution']})")
+        L.append("| quantity | value |")
+        L.append("|---|---|")
+        L.append(f"| groups float32 / bfloat16 / common | {b['groups_float32']} / {b['groups_bfloat16']} / {b['groups_common']} |")
+        L.append(f"| bf16_group_overlap | {b['overlap']:.3f} |")
+        L.append(f"| bf16_flag_agreement | {b['flag_agreement']:.3f} |")
+        L.append(f"| bf16_effect_rel_diff (median, joint effect) | {b['effect_rel_diff']:.4f} |")
+        L.append(f"| seconds float32 / bfloat16 | {b['seconds_float32']:.1f} / {b['seconds_bfloat16']:.1f} |")
     L.append("")
     L.append("goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in out["goals"].items()))
     for n in out.get("notes", []):
@@ -932,6 +980,8 @@ def main(argv=None) -> int:
             [(info["spec"], a.local_prompts, T, mc) for T in a.local_lengths if T <= info["n_ctx"]]
         jobs += [("gpt2-small", a.gpt2_prompts, T, 0.0) for T in a.gpt2_lengths]
         out["local"] = bench_local(a, a.device, jobs)
+    if "bf16" not in a.skip:
+        out["bf16"] = bench_bf16(a, a.device)
 
     # headline fields
     g = out.get("global", {})
@@ -948,6 +998,14 @@ def main(argv=None) -> int:
         goals["max_abs_diff <= 1e-4"] = bool(g["max_abs_diff"] <= GOAL_DIFF)
     if gims:
         goals["gim_overhead <= 1.2 at every length"] = bool(out["gim_overhead"] <= GOAL_GIM)
+    b = out.get("bf16", {})
+    out.update(bf16_flag_agreement=b.get("flag_agreement", float("nan")),
+               bf16_group_overlap=b.get("overlap", float("nan")),
+               bf16_effect_rel_diff=b.get("effect_rel_diff", float("nan")))
+    if b and "error" not in b:
+        goals["bf16_group_overlap >= 0.95"] = bool(b["overlap"] >= GOAL_BF16["overlap"])
+        goals["bf16_flag_agreement >= 0.95"] = bool(b["flag_agreement"] >= GOAL_BF16["flag"])
+        goals["bf16_effect_rel_diff <= 0.02"] = bool(b["effect_rel_diff"] <= GOAL_BF16["rel"])
     out["goals"] = goals
     out["goal_met"] = bool(goals) and all(goals.values())
     out["seconds_total"] = time.perf_counter() - t_start

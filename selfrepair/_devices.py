@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
-__all__ = ["model_device", "model_dtype", "analysis_dtype"]
+__all__ = ["model_device", "model_dtype", "analysis_dtype", "is_reduced", "computing_in_float32"]
 
 
 def model_device(model) -> torch.device:
@@ -25,3 +28,35 @@ def model_dtype(model) -> torch.dtype:
 def analysis_dtype(dtype: torch.dtype) -> torch.dtype:
     """Analysis arithmetic: float64 for float64, float32 for everything else (float32 or better)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_reduced(dtype: torch.dtype) -> bool:
+    """bfloat16 / float16 (any float narrower than float32)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+@contextmanager
+def computing_in_float32(model) -> Iterator[torch.dtype]:
+    """Inside the block a bfloat16 / float16 model holds its weights in float32, so its forward and backward
+    run in float32 arithmetic on exactly the model's own (reduced-precision) weight values; on exit, also on
+    an error, it is cast back, which restores every weight bit for bit (a bf16 / fp16 value is exact in
+    float32). Other models are left as they are. Yields the dtype the model computes in inside the block.
+
+    Cost: the weights take twice the memory of bf16 while the block runs (the activations of the cached
+    run, not the weights, dominate at long contexts)."""
+    old = model_dtype(model)
+    if not is_reduced(old):
+        yield old
+        return
+
+    def cast(dtype):
+        try:
+            model.to(dtype, print_details=False)       # TransformerLens' .to prints by default
+        except TypeError:                              # a model whose .to has no print_details
+            model.to(dtype)
+
+    cast(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        cast(old)

@@ -42,6 +42,10 @@ def test_quick_json_fields(quick):
         assert isinstance(out[key], (int, float)) and math.isfinite(out[key]), (key, out[key])
         assert out[key] >= 0, (key, out[key])
     assert out["ideal_speedup"] >= 1.0          # the baseline never does less work than the minimum
+    # bf16 section: the shipped model in bfloat16 against float32 (fractions and a median relative difference)
+    for key in ("bf16_flag_agreement", "bf16_group_overlap"):
+        assert 0.0 <= out[key] <= 1.0, (key, out[key])
+    assert math.isfinite(out["bf16_effect_rel_diff"]) and out["bf16_effect_rel_diff"] >= 0
     assert isinstance(out["goal_met"], bool)
     m = out["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu_model"]

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .._devices import model_device as _model_device
+from .._devices import computing_in_float32, model_device as _model_device
 from .._typing import Tensor
 from .._deprecation import renamed_keyword
 from ..engine.cache import cached_run
@@ -98,7 +98,9 @@ def explain(
             return e
 
         ctx = gim(model, **gim_options) if method == "gim" else contextlib.nullcontext()
-        with torch.enable_grad(), ctx, model.hooks(fwd_hooks=[("hook_embed", grab)]):
+        # a bf16 / fp16 model: forward and backward in float32 on its own weights (docs/quantities.md,
+        # "Reduced precision"), restored bit for bit on exit
+        with computing_in_float32(model), torch.enable_grad(), ctx, model.hooks(fwd_hooks=[("hook_embed", grab)]):
             m = sub.metric_from_full_logits(forward_logits(model, sub.tokens))
             if "e" not in leaf:
                 raise RuntimeError("hook_embed did not fire; explain needs the token embedding hook.")

@@ -51,6 +51,7 @@ import functools
 import math
 import re
 import warnings
+import weakref
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -275,12 +276,39 @@ class _HookSet:
             handle = new[0]
         self.handle_of[key] = (hp, handle)
 
+    def missing(self) -> list:
+        """The hooks gim added that are no longer registered at their hook point (e.g. removed by
+        ``model.reset_hooks(including_permanent=True)`` or ``hook_point.remove_hooks(...)``)."""
+        out = []
+        for (component, name), (hp, handle) in list(self.handle_of.items()):
+            hid = getattr(handle.hook, "id", None)
+            fwd = getattr(hp, "_forward_hooks", None)
+            if hid is not None and fwd is not None:
+                present = hid in fwd
+            else:  # cannot read torch's registry: the TL list is the record
+                present = any(h is handle for h in hp.fwd_hooks)
+            if not present:
+                out.append(f"{component} at {name!r}")
+        return out
+
+    def verify(self, when: str) -> None:
+        """Raise :class:`GIMHookError` if any hook gim added has disappeared."""
+        gone = self.missing()
+        if gone:
+            more = f" (and {len(gone) - 3} more)" if len(gone) > 3 else ""
+            raise GIMHookError(
+                f"gim: {len(gone)} of its {len(self.handle_of)} hooks were removed inside the `with gim(model)` "
+                f"block ({', '.join(gone[:3])}{more}), detected {when}: gradients computed from then on would be "
+                "plain autograd, not GIM. Do not call model.reset_hooks(including_permanent=True) or remove "
+                "hooks inside the block (model.reset_hooks() without it keeps gim's hooks); re-enter gim.")
+
     def runs_last(self, component: str, name: str) -> bool:
         """Whether gim's hook ``component`` is the last forward hook its hook point runs now."""
         hp, handle = self.handle_of[(component, name)]
         return next(reversed(hp._forward_hooks), None) == getattr(handle.hook, "id", None)
 
     def remove(self):
+        """Remove exactly the hooks gim added (those already gone are skipped); never anyone else's."""
         while self.handle_of:
             _, (hp, handle) = self.handle_of.popitem()
             handle.hook.remove()
@@ -422,6 +450,36 @@ def _scale_site(hooks: _HookSet, backend, component: str, template: Optional[str
     yield
 
 
+# ----------------------------------------------------------------------------- nesting
+
+#: models under an active ``gim`` block -> (its settings, its hook set); a nested block with the same
+#: settings is a no-op, one with other settings raises
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _active(model):
+    try:
+        return _ACTIVE.get(model)
+    except TypeError:   # an object that cannot be weakly referenced: no nesting detection
+        return None
+
+
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items() if k != "backend")
+
+
+def _check_temperature(temperature) -> Optional[float]:
+    """``None`` / ``1`` (TSG off) or a finite temperature > 0; anything else is one ValueError."""
+    if temperature is None or (not isinstance(temperature, bool) and isinstance(temperature, (int, float))
+                               and temperature == 1):
+        return None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(float(temperature)) or not float(temperature) > 0:
+        raise ValueError(f"gim: temperature must be a finite number > 0 (or None / 1 for no TSG); "
+                         f"got {temperature!r}.")
+    return float(temperature)
+
+
 # ----------------------------------------------------------------------------- public
 
 
@@ -449,17 +507,35 @@ def gim(
     Raises on entry if a needed hook is missing (e.g. a gated MLP whose gate/up
     branches the probe could not find), and on exit if a forward pass ran but
     one of the hooks never fired.
+
+    Nesting: entering ``gim`` on a model already inside a ``gim`` block with the SAME settings
+    (e.g. ``explain(model, task, method="gim")`` inside ``with gim(model):``) is a no-op: the inner
+    block adds no hook and its exit removes none, so gradients are those of one GIM. With DIFFERENT
+    settings it raises ``ValueError`` naming both (the two would stack their multipliers). If hooks
+    gim added disappear inside the block (``model.reset_hooks(including_permanent=True)``, or a
+    hook point's ``remove_hooks(including_permanent=True)``), the next forward pass through the model
+    and the block's exit raise :class:`GIMHookError`; the remaining hooks are still removed.
     """
-    T = _check_scale("temperature", temperature)
-    if T is not None and T <= 0:
-        raise ValueError(f"gim: temperature must be > 0 (or None / 1 for no TSG); got {temperature!r}.")
+    T = _check_temperature(temperature)
     if not isinstance(freeze_norm, bool):
         raise ValueError(f"gim: freeze_norm must be True or False; got {freeze_norm!r}.")
     scales = {k: _check_scale(k, v) for k, v in
               dict(q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale).items()}
     if backend is None:
-
         backend = probe(model)
+    settings = dict(temperature=T, freeze_norm=freeze_norm, **scales, backend=backend)
+    outer = _active(model)
+    if outer is not None:
+        outer_settings, outer_hooks = outer
+        if outer_settings != settings:
+            raise ValueError(
+                f"gim: the model is already inside a `with gim(model)` block with other settings "
+                f"({_describe(outer_settings)}); a nested gim with ({_describe(settings)}) would apply both. "
+                "Use the same settings (the inner block is then a no-op) or leave the outer block first.")
+        outer_hooks.verify("on entering a nested gim")
+        yield
+        outer_hooks.verify("at the exit of a nested gim")
+        return
     # gated if the probe measured two branches OR the model's config says so (the probe may miss them)
     gated = bool(backend.gated_mlp) or bool(getattr(getattr(model, "cfg", None), "gated_mlp", False))
     if gated and (scales["gate_scale"] is not None or scales["up_scale"] is not None):
@@ -473,6 +549,18 @@ def gim(
     hooks = _HookSet(model)
     with ExitStack() as stack:
         stack.callback(hooks.remove)
+        try:
+            _ACTIVE[model] = (settings, hooks)
+            stack.callback(_ACTIVE.pop, model, None)
+        except TypeError:
+            pass
+        # every forward pass through the model checks that gim's hooks are all still there: at the model
+        # itself and at each block (``run_with_hooks`` and ``start_at_layer`` call ``forward`` directly)
+        for module in [model, *list(getattr(model, "blocks", None) or [])]:
+            register = getattr(module, "register_forward_pre_hook", None)
+            if register is not None:
+                pre = register(lambda module, args: hooks.verify("at a forward pass inside the block"))
+                stack.callback(pre.remove)
         if T is not None:
             stack.enter_context(_tsg(hooks, backend, T))
         if freeze_norm:
@@ -485,6 +573,7 @@ def gim(
                 if scales[comp] is not None:
                     stack.enter_context(_scale_site(hooks, backend, comp, template, scales[comp]))
         yield
+        hooks.verify("at the exit of the block")
         hooks.check()
 
 

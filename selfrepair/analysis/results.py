@@ -44,7 +44,7 @@ BASE_COLUMNS = [
 
 
 GLOBAL_COLUMNS = ["global_effects", "global_effect_joint", "global_effect_sum", "global_interaction",
-                  "downstream_gap"]
+                  "downstream_gap", "global_noise"]
 
 
 def _bootstrap_fraction(flag: np.ndarray, defined: np.ndarray, cluster: np.ndarray, *, n_boot: int, seed: int,

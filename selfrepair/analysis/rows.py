@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .._typing import Bool, Float, Int, Tensor
 
 __all__ = ["row_effects", "local_effects", "select_keys", "interaction_ratio", "subset_bits", "shapley_matrix",
-           "check_mode", "ABLATIONS", "VALUE_ABLATIONS", "SELECT_MODES", "MAX_K"]
+           "check_mode", "check_temperature", "NOISE_FLOOR_FACTOR", "ABLATIONS", "VALUE_ABLATIONS", "SELECT_MODES", "MAX_K"]
 
 
 ABLATIONS = ("mean", "knockout")
@@ -199,6 +200,7 @@ def local_effects(
     """
     check_mode("ablation", ablation, ABLATIONS)
     check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
+    temperature = check_temperature(temperature)
     dt = torch.float64
     a = torch.as_tensor(scores).to(dt)
     v = torch.as_tensor(values).to(dt)
@@ -222,6 +224,21 @@ def local_effects(
     v_rest = torch.einsum("rn,rnd->rd", s_rest, v)
     return row_effects(a, mask, c, keys, mean_mask, ablation=ablation, value_ablation=value_ablation,
                         temperature=temperature, v_keys=vK, v_rest=v_rest)
+
+
+#: the global ratio's numerator ``G_S - sum_n G_n = sum_n m(ablated n) - m(ablated S) - (k - 1) m(clean)`` adds
+#: 2k metrics of forward passes, each off by up to ``delta`` (the measured noise of one forward): an error of at
+#: most ``2 k delta``. Requiring ``|G_S| >= 20 k delta`` bounds the ratio's error by 0.1, the default threshold.
+NOISE_FLOOR_FACTOR = 20.0
+
+
+def check_temperature(temperature) -> float:
+    """The TSG temperature T as a float: a finite number > 0, else one ValueError (inf would give NaN
+    estimates, 0 or a negative T no softmax)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(temperature)) or not float(temperature) > 0:
+        raise ValueError(f"temperature must be a finite number > 0 (the TSG temperature T); got {temperature!r}.")
+    return float(temperature)
 
 
 def check_mode(name: str, value, valid: Sequence[str]) -> None:
@@ -261,11 +278,17 @@ def interaction_ratio(
     effect_joint: Float[Tensor, "R"],
     contributions: Float[Tensor, "R k"],
     min_effect: float = 1e-4,
+    noise: Optional[Float[Tensor, "R"]] = None,
 ) -> tuple:
     """The ratio (docs/quantities.md, "Individual versus joint") ``r = (E_S - sum_n E_n) / E_S`` (NaN when ``|E_S| < max(min_effect, 0.01 sum |w_j|)``) and
-    ``interaction_sym = (E_S - sum_n E_n) / (|E_S| + sum_n |E_n|)`` (NaN only for a zero denominator)."""
+    ``interaction_sym = (E_S - sum_n E_n) / (|E_S| + sum_n |E_n|)`` (NaN only for a zero denominator).
+
+    ``noise``: per row, the measured rounding noise ``delta`` of one forward pass's metric (global effects,
+    docs/quantities.md, "Global effects"); the floor then also requires ``|E_S| >= NOISE_FLOOR_FACTOR * k * delta``."""
     esum = effects.sum(1)
     floor = torch.clamp(0.01 * contributions.abs().sum(1), min=min_effect)
+    if noise is not None:
+        floor = torch.maximum(floor, (NOISE_FLOOR_FACTOR * effects.shape[1]) * noise.to(floor.dtype).abs())
     defined = effect_joint.abs() >= floor
     nan = torch.full_like(effect_joint, float("nan"))
     r = torch.where(defined, (effect_joint - esum) / effect_joint, nan)

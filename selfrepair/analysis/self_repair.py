@@ -36,7 +36,8 @@ per key of S, largest contribution first):
   ``grad_estimates``, ``tsg_estimates`` (the estimates are linear, so they sum to the joint one);
 - with ``global_effects=True``: ``global_effects`` ``G_n``, ``global_effect_joint`` ``G_S``,
   ``global_effect_sum``, ``global_interaction`` (same NaN floor as r, with the same ``w``),
-  ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)``.
+  ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)``, ``global_noise`` (the measured noise delta of
+  one engine forward for the row's prompt; the global ratio is also NaN when ``|G_S| < 20 k delta``).
 
 Decisions where the definitions (docs/quantities.md) are silent (documented, tested):
 - queries analysed: every real position ``i <= `` the prompt's metric position
@@ -68,14 +69,14 @@ from tqdm.auto import tqdm
 from .._devices import model_dtype
 from .._typing import Tensor
 from ..engine.cache import cached_run, check_backend
-from ..engine.edits import ZEdits, measure_z_edits
+from ..engine.edits import ZEdits, measure_z_edits, prepare_clean
 from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
 from .checkpoint import BatchCheckpoint
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
-from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, interaction_ratio, row_effects,
-                   select_keys)
+from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, check_temperature, interaction_ratio,
+                   row_effects, select_keys)
 
 __all__ = ["analyze_self_repair"]
 
@@ -105,8 +106,7 @@ def _validate(model, task, backend, *, k, min_contribution, select, threshold, m
             raise ValueError(f"{nm} must be a finite number >= 0; got {v!r}.")
     if not isinstance(min_contribution, (int, float, np.floating, np.integer)) or not math.isfinite(min_contribution):
         raise ValueError(f"min_contribution must be a finite number (metric units); got {min_contribution!r}.")
-    if not isinstance(temperature, (int, float, np.floating, np.integer)) or not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}.")
+    check_temperature(temperature)
     check_mode("select mode", select, SELECT_MODES)
     check_mode("ablation", ablation, ABLATIONS)
     check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
@@ -302,9 +302,9 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
     t_global = 0.0
     if global_effects:
         t1 = time.perf_counter()
-        G = _global(model, task, edits, k)                                                       # [R_total, k+1]
+        G, noise = _global(model, task, edits, k, run.metric)                                    # [R_total, k+1]
         t_global = time.perf_counter() - t1
-        df = _add_global(df, G, k, min_effect)
+        df = _add_global(df, G, noise, k, min_effect)
     return df, t_local, t_global
 
 
@@ -346,10 +346,12 @@ def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: floa
     return df
 
 
-def _global(model, task: Task, edits, k: int) -> Tensor:
-    """Global effects of the individual and joint ablations of every row: [rows, k+1]."""
+def _global(model, task: Task, edits, k: int, metric: Tensor) -> tuple:
+    """Global effects of the individual and joint ablations of every row [rows, k+1], and the measured noise
+    of the engine's forward per row [rows]: ``|m(clean via the engine) - m(clean)|`` of the row's prompt, the
+    engine's result for a zero edit against the cached run's metric (float32 or better)."""
     if not edits:
-        return torch.zeros(0, k + 1, dtype=torch.float64)
+        return torch.zeros(0, k + 1, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     P, Hh, Q, Lr, D = [], [], [], [], []
     for bi, hi, qi, l, zd in edits:
         R = len(bi)
@@ -359,16 +361,18 @@ def _global(model, task: Task, edits, k: int) -> Tensor:
         Lr.append(torch.full((R * (k + 1),), l, dtype=torch.long, device=bi.device))
         D.append(zd.reshape(R * (k + 1), 1, zd.shape[-1]))
     ze = ZEdits(torch.cat(P).cpu(), torch.cat(Lr).cpu(), torch.cat(Hh).cpu(), torch.cat(Q).cpu(), torch.cat(D).cpu())
-    out = measure_z_edits(model, task, ze, progress=False)
-    return out.to(torch.float64).reshape(-1, k + 1)
+    clean = prepare_clean(model, task)
+    out = measure_z_edits(model, task, ze, progress=False, clean=clean)
+    delta = (clean.metric.to(torch.float64) - metric.detach().cpu().to(torch.float64)).abs()      # [prompts]
+    return out.to(torch.float64).reshape(-1, k + 1), delta[torch.cat([bi for bi, *_ in edits]).cpu()]
 
 
-def _add_global(df: pd.DataFrame, G: Tensor, k: int, min_effect: float) -> pd.DataFrame:
+def _add_global(df: pd.DataFrame, G: Tensor, noise: Tensor, k: int, min_effect: float) -> pd.DataFrame:
     # rows of df are in the order the edits were built (layer loop, then nonzero order): same as G
     if len(df) == 0:
         return empty_groups(True)
     w = torch.tensor([list(t) for t in df["contributions"]], dtype=torch.float64).reshape(len(df), k)
-    gi = interaction_ratio(G[:, :k], G[:, k], w, min_effect)[0].numpy()
+    gi = interaction_ratio(G[:, :k], G[:, k], w, min_effect, noise=noise)[0].numpy()
     Gn = G[:, :k].numpy()
     GS = G[:, k].numpy()
     gsum = Gn.sum(1)
@@ -378,4 +382,5 @@ def _add_global(df: pd.DataFrame, G: Tensor, k: int, min_effect: float) -> pd.Da
     df["global_effect_sum"] = gsum.astype(np.float64)
     df["global_interaction"] = gi.astype(np.float64)
     df["downstream_gap"] = ((GS - gsum) - (df["effect_joint"].to_numpy() - df["effect_sum"].to_numpy()))
+    df["global_noise"] = noise.numpy().astype(np.float64)
     return df

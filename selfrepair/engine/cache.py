@@ -19,8 +19,12 @@ requested layer ``l``:
 - ``metric`` ``m`` [batch] and ``mask`` [batch, q, k] = causal & padding.
 
 All tensors are detached and cast to ``dtype`` (float32 by default) whatever
-the model dtype. The hooks added here are removed on exit, also on errors;
-the user's own hooks are left alone.
+the model dtype. A bfloat16 / float16 model runs this forward and backward in
+float32 (``upcast=True``, the default): its weights are held in float32 for the
+duration and cast back on exit, bit for bit (``selfrepair._devices.computing_in_float32``),
+so the local effects carry no reduced-precision rounding of activations or
+gradients, only that of the weights themselves. The hooks added here are removed
+on exit, also on errors; the user's own hooks are left alone.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from .._devices import model_device as _model_device, model_dtype as _model_float_dtype
+from .._devices import computing_in_float32, model_device as _model_device, model_dtype as _model_float_dtype
 from .._typing import Bool, Float, Int, Tensor
 from ..models.probe import resolve_backend
 from ..tasks import Task, validate_task
@@ -125,6 +129,7 @@ def cached_run(
     dtype: torch.dtype = torch.float32,
     backend=None,
     keep: Sequence[str] = ("scores", "pattern", "values", "z"),
+    upcast: bool = True,
 ) -> CachedRun:
     """One forward (+ one backward of ``sum over prompts of m``) over ``task``; see the module docstring.
 
@@ -133,6 +138,8 @@ def cached_run(
     (``lambda: gim(model)`` gives ``g`` from a GIM backward pass). ``keep``
     restricts what is stored (``"scores"``, ``"pattern"``, ``"values"``,
     ``"z"``) to save memory; ``grad_z`` is kept whenever ``backward``.
+    ``upcast``: a bfloat16 / float16 model computes this run in float32 (module docstring);
+    ``False`` runs it in the model's own dtype.
     """
     backend = resolve_backend(model, backend)
     check_backend(backend)
@@ -152,8 +159,7 @@ def cached_run(
     tokens = task.tokens[:, :n].to(device)
     mask = key_mask(task, n)                                   # [b, q, k], CPU, explicit
     mask_dev = mask.to(device)
-    model_dtype = _model_float_dtype(model)
-    tiny_log = float(torch.log(torch.tensor(_smallest_positive(model_dtype), dtype=torch.float64)))
+    up = computing_in_float32(model) if upcast else contextlib.nullcontext(_model_float_dtype(model))
 
     site = backend.score_site
     raw: Dict[str, Dict[int, Tensor]] = {"scores": {}, "pattern": {}, "values": {}}
@@ -197,6 +203,8 @@ def cached_run(
     ctx = grad_context() if (grad_context is not None) else contextlib.nullcontext()
     grads = None
     with contextlib.ExitStack() as stack:
+        run_dtype = stack.enter_context(up)            # the dtype the forward computes in
+        tiny_log = float(torch.log(torch.tensor(_smallest_positive(run_dtype), dtype=torch.float64)))
         stack.enter_context(torch.enable_grad() if backward else torch.no_grad())
         stack.enter_context(ctx)
         stack.enter_context(model.hooks(fwd_hooks=fwd))

@@ -281,7 +281,7 @@ def _prepare_fast(model, task: Task, dims: ModelFacts, kind: str, *, batch_size)
     rows = torch.arange(B, device=dev)
     logits = fm.final_logits(resid[-1][rows, pos])
     od = _out_dtype(mdt)
-    metric = task.metric_fn(logits, torch.arange(B)).to(od).cpu()
+    metric = task.metric_fn(logits.to(od), torch.arange(B)).to(od).cpu()
     # check against the model's own forward (hooks of our own: none)
     ref = []
     for s in range(0, B, bs):
@@ -378,16 +378,18 @@ def _prepare_hooks(model, task: Task, dims: ModelFacts, reason: str, *, batch_si
     if use_sal:
         resid = [torch.cat(store[f"blocks.{l}.hook_resid_pre"]) for l in range(dims.n_layers)]
     logits_full = torch.cat(logits_full)
-    metric_full = task.metric_fn(logits_full, torch.arange(B)).to(od).cpu()
+    metric_full = task.metric_fn(logits_full.to(od), torch.arange(B)).to(od).cpu()
     # only the metric positions through ln_final + unembed: check once (on the clean forward's own final
     # residuals), else full logits
     mode = "full"
     try:
         lg = _unembed_rows(model, torch.cat(final))          # raises if that hook is absent or never fired
-        tol = (1e-9 if mdt == torch.float64 else 1e-4) * (float(logits_full.abs().max()) + 1.0)
+        # float32: 1e-4 relative; bf16 / fp16: 16 eps of the dtype (a few roundings of the unembedding)
+        rel = 1e-9 if mdt == torch.float64 else max(1e-4, 16 * float(torch.finfo(mdt).eps))
+        tol = rel * (float(logits_full.abs().max()) + 1.0)
         if float((lg.to(od) - logits_full.to(od)).abs().max()) <= tol:
             mode = "resid"
-            metric_full = task.metric_fn(lg, torch.arange(B)).to(od).cpu()
+            metric_full = task.metric_fn(lg.to(od), torch.arange(B)).to(od).cpu()
     except Exception:
         mode = "full"
     return CleanRun(path="hooks", metric=metric_full, z=zs, positions=task.positions.clone(), reason=reason,
@@ -596,7 +598,7 @@ def _measure_fast(model, task, edits, idx, clean: CleanRun, dims: ModelFacts, ba
         hP = _fast_chunk(fm, clean, dims, p, l, s0, Pp, edits.head[e].to(dev), edits.start[e].to(dev),
                          edits.delta[e].to(device=dev, dtype=mdt))
         logits = fm.final_logits(hP)
-        vals[sel] = task.metric_fn(logits, torch.full((len(sel),), p, dtype=torch.long)).to(vals.dtype).cpu()
+        vals[sel] = task.metric_fn(logits.to(vals.dtype), torch.full((len(sel),), p, dtype=torch.long)).to(vals.dtype).cpu()
         run.forwards += 1
         run.positions += len(sel) * (Pp - s0 + 1)
     return vals
@@ -704,7 +706,7 @@ def _measure_hooks(model, task, edits, idx, clean: CleanRun, dims: ModelFacts, b
             logits = _hooks_forward(model, dims, toks, pos.to(dev), hooks, clean.unembed_mode, l0, resid)
         else:
             logits = _hooks_forward(model, dims, toks, pos.to(dev), hooks, clean.unembed_mode)
-        vals[sel] = task.metric_fn(logits, prm).to(vals.dtype).cpu()
+        vals[sel] = task.metric_fn(logits.to(vals.dtype), prm).to(vals.dtype).cpu()
         run.forwards += 1
         run.positions += n * Tn
     return vals

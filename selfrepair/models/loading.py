@@ -20,6 +20,9 @@
 the object is moved/cast in place, as ``nn.Module.to`` does). Without ``device``
 models built or read here go where TransformerLens puts them (CUDA if available,
 else CPU); without ``dtype`` they are float32 (a checkpoint keeps its saved dtype).
+With a reduced-precision ``dtype`` (``torch.bfloat16`` / ``torch.float16``) a two-token forward
+checks that the model runs in that dtype on its device; if not (float16 on a CPU without
+half-precision kernels) :class:`ModelLoadError` names the dtype and the device.
 """
 
 from __future__ import annotations
@@ -115,7 +118,24 @@ def load_model(
             "HookedTransformer"
         )
     model.eval()
+    if dtype is not None and dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        check_runs_in(model, dtype)
     return model
+
+
+def check_runs_in(model, dtype: torch.dtype) -> None:
+    """Raise :class:`ModelLoadError` naming ``dtype`` if a two-token forward of ``model`` fails in it."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long, device=dev))
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = str(dtype).replace("torch.", "")
+        raise ModelLoadError(
+            f"the model cannot run in {name} on {dev} ({first}); load it with dtype=torch.float32"
+            + (" or torch.bfloat16" if name == "float16" else "") + " (selfrepair analyses bf16 / fp16 models in "
+            "float32 arithmetic either way)") from e
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -46,7 +46,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .._devices import model_device
+from .._devices import model_device, model_dtype
 from .loading import model_kind
 from .norm_freeze import freeze_hooks, straight_through_hooks
 
@@ -195,6 +195,10 @@ class _Prober:
         self.n_ctx = int(cfg.n_ctx)
         self.T = max(2, min(self.T, self.n_ctx))
         self.device = model_device(model)
+        self.dtype = model_dtype(model)
+        # rounding of the model's own dtype: every "must agree" check of the probe compares quantities the
+        # model computed and stored in that dtype, each carrying up to eps/2 relative rounding per op
+        self.eps = float(torch.finfo(self.dtype).eps) if self.dtype in (torch.bfloat16, torch.float16) else 0.0
         gen = torch.Generator().manual_seed(1234)
         lo = 3 if self.d_vocab > 8 else 0
         self.tokens = torch.randint(lo, self.d_vocab, (1, self.T), generator=gen).to(self.device)
@@ -283,8 +287,23 @@ class _Prober:
         s = float(x.float()[torch.isfinite(x.float())].abs().mean()) if x.numel() else 1.0
         return n * scale * (s if s > 0 else 1.0)
 
-    @staticmethod
-    def close(a, b, tol: float = 1e-4) -> bool:
+    def tol(self, base: float) -> float:
+        """A relative tolerance for values that should agree: ``base`` (float32 / float64 models), or ``16 eps``
+        of a reduced-precision model dtype (bf16: 0.125, fp16: 0.016) when larger. Quantities the probe compares
+        pass through a handful of roundings to that dtype (matmul output, softmax, residual adds), each up to
+        eps/2 relative to the largest magnitude compared; 16 eps leaves room for a few of them while a wrong
+        site (another head, a missing path) differs by O(1)."""
+        return max(base, 16.0 * self.eps)
+
+    def close(self, a, b, tol: float = 1e-4) -> bool:
+        a, b = a.float(), b.float()
+        ref = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+        return float((a - b).abs().max()) <= self.tol(tol) * ref
+
+    def same(self, a, b, tol: float = 1e-6) -> bool:
+        """``a`` and ``b`` are equal up to float32 rounding (no reduced-precision allowance): used where a
+        cut or edit must change NOTHING, which a bf16 forward reproduces bit for bit."""
+        a, b = a.float(), b.float()
         ref = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
         return float((a - b).abs().max()) <= tol * ref
 
@@ -297,7 +316,14 @@ class _Prober:
 
     def run(self) -> Backend:
         """Every measurement in order, then the Backend they describe."""
-        self.collect()
+        try:
+            self.collect()
+        except (RuntimeError, NotImplementedError) as e:
+            if not self.eps:
+                raise
+            name = str(self.dtype).replace("torch.", "")
+            raise ProbeError(f"the model cannot run in {name} on {self.device} ({str(e).strip().splitlines()[0]}); "
+                             "load it with dtype=torch.float32 (selfrepair.load_model(spec, dtype=torch.float32))") from e
         att = self._attention_sites()
         kv_head_of = self._kv_heads(att)
         scores = self._scores_site(att)
@@ -352,10 +378,11 @@ class _Prober:
                 for g in range(att["n_kv"])
             ]
             g = int(min(range(att["n_kv"]), key=lambda i: errs[i]))
-            if errs[g] > 1e-4 * (float(z.abs().max()) + 1e-12):
+            if errs[g] > self.tol(1e-4) * (float(z.abs().max()) + 1e-12):
                 raise ProbeError(
-                    f"hook_z of head {h} is not pattern @ hook_v for any kv head (best error {errs[g]:.3g}); "
-                    "cannot relate values to heads on this model"
+                    f"hook_z of head {h} is not pattern @ hook_v for any kv head (best error {errs[g]:.3g}, "
+                    f"relative {errs[g] / (float(z.abs().max()) + 1e-12):.3g} > {self.tol(1e-4):.3g} allowed for "
+                    f"a {str(self.dtype).replace('torch.', '')} model); cannot relate values to heads on this model"
                 )
             kv_head_of.append(g)
         return kv_head_of
@@ -369,7 +396,7 @@ class _Prober:
         if sc is not None:
             fin = sc.float()[0][:, causal]
             rows = torch.where(causal, sc.float()[0], torch.zeros((), device=self.device)).sum(-1)
-            is_pattern = bool((fin >= 0).all() and (fin <= 1).all() and torch.allclose(rows, torch.ones_like(rows), atol=1e-4))
+            is_pattern = bool((fin >= 0).all() and (fin <= 1).all() and torch.allclose(rows, torch.ones_like(rows), atol=self.tol(1e-4)))
             moved, grad = self.live(sname, self.noise(sc.masked_fill(~causal, 0) if not is_pattern else sc) * causal)
             scores_live = bool(moved and grad and not is_pattern)
             if not is_pattern:
@@ -403,7 +430,7 @@ class _Prober:
                     ok = self.close(a[0][:, causal], sc.float()[0][:, causal], 1e-4)
                 else:
                     p2 = a.masked_fill(~causal, float("-inf")).softmax(-1)
-                    ok = float((p2 - pat.float()).abs().max()) < 1e-5
+                    ok = float((p2 - pat.float()).abs().max()) < self.tol(1e-5)
                 if ok:
                     score_q_hook, score_k_hook, attn_scale = qn, kn, s
                     break
@@ -512,7 +539,7 @@ class _Prober:
         # the forward must be unchanged by the setting
         before = self.clean
         self.collect()
-        if self.rel(self.clean, before) > 1e-6:
+        if self.rel(self.clean, before) > self.tol(1e-6):
             getattr(self.m, f"set_{flag}")(False)
             self.collect()
             self.notes.append(f"set_{flag}(True) changed the forward; reverted")
@@ -523,7 +550,7 @@ class _Prober:
         L = self.L
         ref_site = f"blocks.{L}.attn.hook_{which}"
         g_ref, _ = self.grad_at(resid, cut=(ref_site,))
-        if self.close(g_ref, g0, 1e-6):
+        if self.same(g_ref, g0):
             self.notes.append(f"cutting the gradient at {ref_site} changes nothing")
             return None
         for cand in (
@@ -535,7 +562,7 @@ class _Prober:
             if not self.present(name):
                 continue
             g_c, _ = self.grad_at(resid, cut=(name,))
-            if self.close(g_c, g_ref, 1e-4) and not self.close(g_c, g0, 1e-6):
+            if self.close(g_c, g_ref, 1e-4) and not self.same(g_c, g0):
                 return cand
         return None
 
@@ -566,10 +593,10 @@ class _Prober:
                 kind = None
                 nm = self.cache.get(base + ".hook_normalized")
                 if nm is not None:
-                    kind = "LN" if float(nm.float().mean(-1).abs().max()) < 1e-4 * float(nm.abs().max()) else "RMS"
+                    kind = "LN" if float(nm.float().mean(-1).abs().max()) < self.tol(1e-4) * float(nm.float().abs().max()) else "RMS"
                 g_true, _ = self.grad_at(f"blocks.{L}.hook_resid_pre")
                 g_frozen, logits = self.grad_at(f"blocks.{L}.hook_resid_pre", cut=(name,))
-                if self.rel(logits, self.clean) <= 1e-6 and not self.close(g_frozen, g_true, 1e-6):
+                if self.rel(logits, self.clean) <= self.tol(1e-6) and not self.same(g_frozen, g_true):
                     verified.append(tpl)
                     self.notes.append(f"{name}: detach verified by gradient change only (no exclusive norm input hook)")
                 if kind:
@@ -580,12 +607,12 @@ class _Prober:
             var = x.var(-1, unbiased=False, keepdim=True)
             ms = x.pow(2).mean(-1, keepdim=True)
             e_ln, e_rms = s.pow(2) - var, s.pow(2) - ms
-            tol = 1e-3 * float(s.pow(2).max())
+            tol = self.tol(1e-3) * float(s.pow(2).max())
             is_ln = float(e_ln.abs().max()) <= tol and float(e_ln.min()) >= -tol
             is_rms = float(e_rms.abs().max()) <= tol and float(e_rms.min()) >= -tol
             if is_ln == is_rms:  # ambiguous only for an already-centred input
                 nm = self.cache.get(base + ".hook_normalized")
-                is_ln = nm is not None and float(nm.float().mean(-1).abs().max()) < 1e-4
+                is_ln = nm is not None and float(nm.float().mean(-1).abs().max()) < self.tol(1e-4)
             kind = "LN" if is_ln else "RMS"
             types.append(kind)
             xc = x - x.mean(-1, keepdim=True) if kind == "LN" else x
@@ -593,7 +620,7 @@ class _Prober:
 
             def frozen_ok(g_frozen):
                 pred = g_frozen - xc * (g_frozen * xc).sum(-1, keepdim=True) / (d * s.pow(2))
-                return self.close(pred, g_true, 1e-3) and not self.close(g_frozen, g_true, 1e-6)
+                return self.close(pred, g_true, 1e-3) and not self.same(g_frozen, g_true)
 
             g_frozen, logits = self.grad_at(x_name, cut=(name,))
             if frozen_ok(g_frozen):
@@ -619,7 +646,7 @@ class _Prober:
             logits = self.forward(freeze_hooks(verified, self.n_layers, types[0], "straight_through"))
             if torch.equal(logits.detach(), self.clean):
                 method = "straight_through"
-        if method == "detach_scale" and detach_err > 1e-6:
+        if method == "detach_scale" and detach_err > self.tol(1e-6):
             self.notes.append(f"detaching all norm scales changes the logits by {detach_err:.2g} (relative to max |logit|)")
         return types[0], verified, detach_err, method
 
@@ -655,7 +682,7 @@ class _Prober:
         for i, a in enumerate(cands):
             for b in cands[i + 1:]:
                 ga, gb = one(a), one(b)
-                if self.close(ga, g0, 1e-6) or self.close(gb, g0, 1e-6):
+                if self.same(ga, g0) or self.same(gb, g0):
                     continue  # one of them is not on a gradient path
                 if self.close(ga, torch.zeros_like(ga)) or self.close(gb, torch.zeros_like(gb)):
                     continue  # one of them carries every path
@@ -705,7 +732,7 @@ class _Prober:
             return False
         if not torch.is_tensor(out) or out.shape != self.clean.shape:
             return False
-        ok = self.rel(out.detach(), self.clean) <= 1e-5
+        ok = self.rel(out.detach(), self.clean) <= self.tol(1e-5)
         if not ok:
             self.notes.append(f"start_at_layer={l} differs from the full forward by {self.rel(out, self.clean):.3g} (relative)")
         return ok
