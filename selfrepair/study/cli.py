@@ -45,14 +45,16 @@ import torch
 from .._io import atomic_write
 from .._version import __version__ as version
 from ..analysis import rows as analysis_modes
+from ..analysis.identity import task_hash
 from ..analysis.self_repair import analyze_self_repair
 from ..models.loading import ModelLoadError, load_model
 from .. import tasks
 from ..training import Recipe, train_default_model
+from . import distributed
 from .pipeline import (EXIT_ERROR, first_line, is_dtype, format_summary, headline, make_figures,
                        model_info, redraw, run_study, write_figures, figure_index, Timings)
 from .rundir import (CLIError, clear_run_dir, default_out, file_sha256, has_partial_results,
-                     prepare_run_dir, resume_mismatch, versions, write_json)
+                     prepare_run_dir, resume_mismatch, study_key, versions, write_json)
 
 
 # --- defaults of the full study: 29 s on an idle 2-core machine, 141 s on a busy one (the budget is 5 minutes)
@@ -113,9 +115,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def analysis_parameters() -> list[inspect.Parameter]:
-    """The keyword arguments of :func:`selfrepair.analyze_self_repair` (everything after model, task)."""
+    """The keyword arguments of :func:`selfrepair.analyze_self_repair` (everything after model, task; not
+    ``shard``, which a torchrun rank sets itself: ``selfrepair.study.distributed``)."""
     return [p for p in inspect.signature(analyze_self_repair).parameters.values()
-            if p.name not in ("model", "task") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if p.name not in ("model", "task", "shard") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _annotation_text(p: inspect.Parameter) -> str:
@@ -265,7 +268,9 @@ def _add_study_options(a: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", metavar="FILE.jsonl", default=None,
                      help="your own prompts, one JSON object per line: {\"prompt\", \"answer\", \"wrong\"} as text or "
                           "{\"tokens\", \"answer_id\", \"wrong_id\"} as ids (selfrepair.tasks.from_jsonl)")
-    g.add_argument("--n", type=_positive_int, default=DEFAULT_N, help="number of prompts of a built-in task")
+    g.add_argument("--n", "--n-prompts", dest="n", type=_positive_int, default=DEFAULT_N,
+                   help="number of prompts of a built-in task (--n-prompts under torchrun, whose own options "
+                        "take --n as an abbreviation)")
     g.add_argument("--seq-len", "--seq_len", dest="seq_len", type=_positive_int, default=DEFAULT_SEQ_LEN,
                    help="tokens per prompt of a built-in task (default: the task's own, 128 for code-copy, "
                         "61 for induction)")
@@ -427,14 +432,20 @@ def cmd_analyze(args) -> int:
     device = resolve_device(args.device)
     task_label = Path(args.prompts).stem if args.prompts else (args.task or DEFAULT_TASK)
     out = Path(args.out) if args.out else default_out(task_label)
-    mode = prepare_run_dir(out, resume=args.resume, force=args.force)
+    ranks = distributed.init_process_group(device)  # torchrun: one rank of WORLD_SIZE (one process otherwise)
+    if ranks.active and not args.out:
+        raise CLIError("torchrun: give --out RUN_DIR (every rank must write into the same run folder)")
+    resume, force = args.resume, args.force
+    if ranks.active and distributed.restart_count() > 0 and (out / "run.json").is_file():
+        resume, force = True, False  # restarted by torchrun (--max-restarts): continue from the checkpoints
+    mode = prepare_run_dir(out, resume=resume, force=force)
 
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     with timings("load model"):
-        model = _load_model(args.model, device)
+        model = _load_model(args.model, distributed.rank_device(device, ranks))
     with timings("build task"):
         task = _build_task(model, args)
 
@@ -449,6 +460,10 @@ def cmd_analyze(args) -> int:
            "attribution_n": min(args.attribution_n or len(task), len(task)),
            "device": device, "threads": torch.get_num_threads(), "versions": versions(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if ranks.active:  # every rank the same model, task and settings, refused before any work
+        run["world_size"] = ranks.world_size
+        identity = dict(study_key(run), weights_sha256=run["model"]["weights_sha256"], task_sha256=task_hash(task))
+        distributed.check_agreement(dict(identity, mode=mode), ranks)
     if mode == "resume":
         old = json.loads((out / "run.json").read_text())
         detail = resume_mismatch(old, run)
@@ -457,22 +472,30 @@ def cmd_analyze(args) -> int:
                            "run the same command with --resume, or pass --force to start over")
         run["started"] = old.get("started")
         run["resumed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    else:
+    elif ranks.is_main:
         if mode == "overwrite":
             clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", run)
+    distributed.barrier(ranks)  # rank 0 has prepared the folder
 
     progress = bool(settings.get("progress", True))
     try:
-        res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
-                        attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings)
+        if ranks.active:
+            res = distributed.run_sharded(model, task, settings, out=out, head_ablation=args.head_ablation,
+                                          attribution_n=args.attribution_n, seed=args.seed, progress=progress,
+                                          timings=timings, identity=identity)
+            if res is None:
+                return 0  # rank 0 merges and writes the figures and summary.json
+        else:
+            res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
+                            attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings)
     except KeyboardInterrupt:
         print(f"selfrepair: interrupted; partial results are kept in {out}: run the same command with --resume "
               "to continue", file=sys.stderr)
         return 130
     except Exception:
-        if mode != "resume" and not has_partial_results(out):
+        if mode != "resume" and not ranks.active and not has_partial_results(out):
             shutil.rmtree(out, ignore_errors=True)  # e.g. a bad option value found by the API: leave nothing behind
         raise
     tables = res["tables"]
