@@ -143,9 +143,28 @@ def init_process_group(device: str = "cpu", *, timeout_s: float = 1800.0) -> Ran
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(torch.device(rank_device(str(device), ranks)))
-    tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if cuda else "gloo"
+    store = _attempt_store(ranks, timeout)
+    if store is None:
+        tdist.init_process_group(backend, timeout=timeout)
+    else:
+        tdist.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
     atexit.register(_destroy)
     return ranks
+
+
+def _attempt_store(ranks: Ranks, timeout: datetime.timedelta):
+    """The rendezvous store, its keys prefixed with torchrun's restart count: a worker group restarted by
+    torchrun must not read the addresses its killed predecessors published (the agent's store outlives
+    them; without the prefix a restarted rank connects to a dead peer's port and gloo gives up)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None  # init_process_group's own env:// rendezvous says what is missing
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+    store = tdist.TCPStore(addr, int(port), ranks.world_size, is_master=not agent and ranks.rank == 0,
+                           timeout=timeout, **({} if agent else {"multi_tenant": True}))
+    return tdist.PrefixStore(f"selfrepair/attempt_{restart_count()}", store)
 
 
 def _destroy():
