@@ -225,13 +225,16 @@ def merge_groups(parts) -> pd.DataFrame:
 
 def _check_shards(out: Path, world_size: int) -> list:
     dirs = [shard_dir(out, r, world_size) for r in range(world_size)]
+    missing = [r for r, d in enumerate(dirs) if not (d / "done.json").is_file()]
+    if missing:
+        def kept(d):
+            return len(list((d / "self_repair").glob("batch_*.parquet"))) if (d / "self_repair").is_dir() else 0
+        what = ", ".join(f"{dirs[r].name} ({kept(dirs[r])} batch checkpoint(s) kept)" for r in missing)
+        raise ShardError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {world_size} "
+                         f"missing (no done.json in {Path(out) / SHARDS_DIR}: {what}): those ranks did not finish; "
+                         "run the same torchrun command again to resume them; nothing was merged")
     for r, d in enumerate(dirs):
         done = d / "done.json"
-        if not done.is_file():
-            n = len(list((d / "self_repair").glob("batch_*.parquet"))) if (d / "self_repair").is_dir() else 0
-            raise ShardError(f"shard {r} of {world_size} is missing: {d} has no done.json (rank {r} did not finish; "
-                             f"its {n} batch checkpoint(s) are kept there); run the same torchrun command again to "
-                             "resume it; nothing was merged")
         info = json.loads(done.read_text())
         if info.get("rank") != r or info.get("world_size") != world_size:
             raise ShardError(f"shard {r} of {world_size}: {done} is from rank {info.get('rank')} of "
