@@ -796,6 +796,9 @@ def bench_torchrun(a) -> dict:
                 out["error"] = f"{name} failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}"
                 out["identical"] = False
                 return out
+        for name in runs:  # wall seconds per stage (the torchrun run's: rank 0's, which also merges)
+            out[f"stages_{name}"] = json.loads((Path(d) / name / "summary.json").read_text()).get("timings_s", {})
+        out["load_average_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         diff = _tables_equal(Path(d) / "single", Path(d) / "torchrun")
         out["tables"] = sorted(p.stem for p in (Path(d) / "single" / "tables").glob("*.parquet"))
         out["tables_differing"] = diff
@@ -936,7 +939,12 @@ def report(out: dict) -> str:
             if "seconds_torchrun" in t:
                 L.append(f"| torchrun --nproc-per-node 2 (wall, whole command) | {t['seconds_torchrun']:.1f} s |")
             if "speedup" in t:
-                L.append(f"| torchrun_speedup | {t['speedup']:.2f}x |")
+                L.append(f"| torchrun_speedup | {t['speedup']:.2f}x (load average {t.get('load_average_1m')}) |")
+            a1, a2 = t.get("stages_single", {}), t.get("stages_torchrun", {})
+            for st in ("load model", "self-repair analysis + estimates", "head attributions",
+                       "token attributions + faithfulness", "total"):
+                if st in a1 or st in a2:
+                    L.append(f"| stage {st}: 1 process / rank 0 of 2 | {a1.get(st, '-')} s / {a2.get(st, '-')} s |")
             L.append(f"| torchrun_identical (every table exactly) | {t['identical']} |")
             if t.get("error"):
                 L.append(f"error: {t['error']}")
