@@ -668,7 +668,7 @@ def native_twin(info: dict, device: str, seed: int = 0):
 
 
 def gim_variants(model, with_theirs: bool, components: bool):
-    from selfrepair.gim import gim
+    from selfrepair.analysis.gim import gim
 
     v = {"plain": nullcontext, "selfrepair.gim": lambda: gim(model)}
     if with_theirs:
@@ -772,7 +772,7 @@ def bench_torchrun(a) -> dict:
 
     if not default_model_exists():
         return {"skipped": "the shipped default model is not there (the study's model)"}
-    n, T, bs, an = (4, 31, 1, 4) if a.quick else (16, 61, 2, 8)
+    n, T, bs, an = (4, 31, 1, 4) if a.quick else (64, 61, 8, 16)
     study = ["analyze", "--task", "induction", "--n-prompts", str(n), "--seq-len", str(T), "--batch-size", str(bs),
              "--min-contribution", "0.5", "--threads", "1", "--attribution-n", str(an), "--no-png", "--no-progress"]
     if a.quick:
