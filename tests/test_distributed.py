@@ -228,3 +228,36 @@ def test_shards_of_the_analysis_put_together_are_the_whole_result(gpt2_bridge):
                                   check_exact=True)
     with pytest.raises(ValueError, match="shard must be"):
         analyze_self_repair(gpt2_bridge, task, shard=(2, 2), **kw)
+
+
+_PY_RANK = r"""
+import sys, torch, transformers, pandas as pd, selfrepair
+from selfrepair import tasks
+from selfrepair.study import distributed
+ranks = distributed.init_process_group("cpu")
+torch.manual_seed(0)
+cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=200, n_positions=64, bos_token_id=0,
+                              eos_token_id=0)
+model = selfrepair.load_model(cfg, device="cpu")
+task = tasks.load("induction", model, n=5, seq_len=22, seed=0)
+kw = dict(min_contribution=0.0, batch_size=2, progress=False, global_effects=True)
+res = distributed.analyze_sharded(model, task, **kw)
+whole = selfrepair.analyze_self_repair(model, task, **kw)
+pd.testing.assert_frame_equal(res.groups, whole.groups, check_exact=True)
+assert res.meta["n_batches"] == 3 and res.meta["world_size"] == 2 and len(res.groups) > 0
+print("OK", ranks.rank, len(res.groups))
+"""
+
+
+def test_analyze_sharded_inside_a_process_group(tmp_path):
+    """Python API inside an initialised gloo group of 2: every rank gets the one-process result, exactly."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", _PY_RANK], env=_env(RANK=str(r), WORLD_SIZE="2",
+                                                                          LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                                                          MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for r in range(2)]
+    for r, p in enumerate(procs):
+        o, e = p.communicate(timeout=600)
+        assert p.returncode == 0, e[-3000:]
+        assert o.strip().startswith(f"OK {r} "), o

@@ -332,15 +332,12 @@ def run_sharded(model, task, settings: dict, *, out: Path, head_ablation: str, a
     study = Study(out, progress, timings)
     merged: dict = {}
 
-    def merge(names):
-        def compute():
-            if not merged:
-                merged.update(merge_shards(out, ranks.world_size))
-            return merged["tables"]
-        return compute
+    def merge():
+        merged.update(merge_shards(out, ranks.world_size))
+        return merged["tables"]
 
     tabs = dict(study.stage("merge shards", ["groups", "estimates", "head_summary", "sweep", "heads",
-                                             "token_attributions", "faithfulness"], merge(None)))
+                                             "token_attributions", "faithfulness"], merge))
     res_path = out / "checkpoints" / "self_repair_result.parquet"
     if merged:
         merged["result"].to_parquet(res_path)
