@@ -58,7 +58,13 @@ machine and, on a shared machine, on its load).
    where it runs (a TL-native bridge of the main model's shape; on HF-wrapped bridges
    it crashes, which is recorded). Where the overhead passes 1.2 (or with
    ``--gim-components``), each GIM component is timed alone (``components``).
-4. ``--device cuda``: the same on a GPU, plus the engine's throughput (ablations/s) and
+4. torchrun (``--skip torchrun`` to leave out; CPU only, needs the shipped model): the same
+   ``selfrepair analyze`` study (induction prompts, one torch thread per process) run as one
+   process and as ``torchrun --standalone --nproc-per-node 2`` (gloo), each timed wall-clock as a
+   whole command (start-up, model load, every stage, figures); ``torchrun_identical``: every table
+   of the two run folders equal exactly; ``torchrun_speedup`` = one-process seconds / 2-process
+   seconds (at most 2 on 2 cores; start-up and the stages that run whole on one rank keep it lower).
+5. ``--device cuda``: the same on a GPU, plus the engine's throughput (ablations/s) and
    its FLOP rate (the minimal work of ``flops()['minimum_tight']`` per second of
    ``measure_z_edits``, a lower bound on what the hardware executes) as a share of the
    GPU's peak for the precision used (float32; the FP32 CUDA-core peak, or the dense
@@ -780,6 +786,62 @@ def bench_bf16(args, device: str) -> dict:
                 seconds_float32=secs["float32"], seconds_bfloat16=secs["bfloat16"])
 
 
+def _tables_equal(a: Path, b: Path) -> list:
+    """Names of the tables that differ (or exist in one run folder only) between two run folders."""
+    import pandas as pd
+    from selfrepair.study.rundir import read_table
+
+    names = sorted({p.stem for p in (a / "tables").glob("*.parquet")} | {p.stem for p in (b / "tables").glob("*.parquet")})
+    bad = []
+    for n in names:
+        try:
+            pd.testing.assert_frame_equal(read_table(a / "tables", n), read_table(b / "tables", n), check_exact=True)
+        except (AssertionError, FileNotFoundError, OSError):
+            bad.append(n)
+    return bad
+
+
+def bench_torchrun(a) -> dict:
+    """One ``selfrepair analyze`` study as one process and under ``torchrun --nproc-per-node 2`` (gloo)."""
+    import tempfile
+
+    if not default_model_exists():
+        return {"skipped": "the shipped default model is not there (the study's model)"}
+    n, T, bs, an = (4, 31, 1, 4) if a.quick else (64, 61, 8, 16)
+    study = ["analyze", "--task", "induction", "--n-prompts", str(n), "--seq-len", str(T), "--batch-size", str(bs),
+             "--min-contribution", "0.5", "--threads", "1", "--attribution-n", str(an), "--no-png", "--no-progress"]
+    if a.quick:
+        study += ["--layers", "0", "3"]
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out: Dict[str, Any] = dict(world_size=2, backend="gloo", study="selfrepair " + " ".join(study))
+    with tempfile.TemporaryDirectory(prefix="selfrepair-torchrun-") as d:
+        runs = {"single": [sys.executable, "-m", "selfrepair", *study, "--out", f"{d}/single"],
+                "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "selfrepair", *study, "--out", f"{d}/torchrun"]}
+        for name, cmd in runs.items():
+            log(f"[torchrun] {name}: {' '.join(cmd[1:4])} ...")
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=d, timeout=3600)
+            out[f"seconds_{name}"] = time.perf_counter() - t0
+            if p.returncode != 0:
+                out["error"] = f"{name} failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}"
+                out["identical"] = False
+                return out
+        for name in runs:  # wall seconds per stage (the torchrun run's: rank 0's, which also merges)
+            out[f"stages_{name}"] = json.loads((Path(d) / name / "summary.json").read_text()).get("timings_s", {})
+        out["load_average_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        diff = _tables_equal(Path(d) / "single", Path(d) / "torchrun")
+        out["tables"] = sorted(p.stem for p in (Path(d) / "single" / "tables").glob("*.parquet"))
+        out["tables_differing"] = diff
+        out["identical"] = not diff
+        out["speedup"] = out["seconds_single"] / out["seconds_torchrun"]
+    return out
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON line last")
@@ -802,7 +864,7 @@ def parse(argv=None):
     g.add_argument("--baseline-sample", type=int, default=None, help="baseline ablations timed per round")
     g.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls (peak share vs the TF32 peak)")
     s = ap.add_argument_group("sections and sizes")
-    s.add_argument("--skip", default="", help="comma list of sections to skip: global, local, gim, bf16")
+    s.add_argument("--skip", default="", help="comma list of sections to skip: global, local, gim, bf16, torchrun")
     s.add_argument("--bf16-prompts", type=int, default=None, help="code-copy prompts of the bf16 section (32)")
     s.add_argument("--local-lengths", default=None, help="main model lengths for the local analysis (128,256)")
     s.add_argument("--local-prompts", type=int, default=None)
@@ -838,9 +900,9 @@ def parse(argv=None):
     a.local_lengths, a.gpt2_lengths = ints(a.local_lengths), ints(a.gpt2_lengths)
     a.gim_lengths, a.gim_gpt2_lengths = ints(a.gim_lengths), ints(a.gim_gpt2_lengths)
     a.skip = {x.strip() for x in a.skip.split(",") if x.strip()}
-    bad = a.skip - {"global", "local", "gim", "bf16"}
+    bad = a.skip - {"global", "local", "gim", "bf16", "torchrun"}
     if bad:
-        ap.error(f"--skip: unknown sections {sorted(bad)}; valid: global, local, gim, bf16")
+        ap.error(f"--skip: unknown sections {sorted(bad)}; valid: global, local, gim, bf16, torchrun")
     if a.threads < 1:
         ap.error("--threads must be >= 1")
     return a
@@ -899,6 +961,29 @@ def report(out: dict) -> str:
             mem = r.get("peak_cuda_mib", r["peak_rss_growth_mib"])
             L.append(f"| {r['model']} | {r['prompts']} x {r['seq_len']} | {r['seconds_per_prompt']:.2f} | "
                      f"{r['seconds_per_prompt'] / f0:.1f}x | {r['rows_selected']} / {r['rows_total']} | {mem:.0f} |")
+    t = out.get("torchrun")
+    if t:
+        L.append("")
+        L.append("## torchrun: one study, 1 process vs 2 processes (gloo, one thread each)")
+        if "skipped" in t:
+            L.append(f"skipped: {t['skipped']}")
+        else:
+            L.append(f"study: {t['study']}")
+            L.append("| quantity | value |")
+            L.append("|---|---|")
+            L.append(f"| one process (wall, whole command) | {t['seconds_single']:.1f} s |")
+            if "seconds_torchrun" in t:
+                L.append(f"| torchrun --nproc-per-node 2 (wall, whole command) | {t['seconds_torchrun']:.1f} s |")
+            if "speedup" in t:
+                L.append(f"| torchrun_speedup | {t['speedup']:.2f}x (load average {t.get('load_average_1m')}) |")
+            a1, a2 = t.get("stages_single", {}), t.get("stages_torchrun", {})
+            for st in ("load model", "self-repair analysis + estimates", "head attributions",
+                       "token attributions + faithfulness", "total"):
+                if st in a1 or st in a2:
+                    L.append(f"| stage {st}: 1 process / rank 0 of 2 | {a1.get(st, '-')} s / {a2.get(st, '-')} s |")
+            L.append(f"| torchrun_identical (every table exactly) | {t['identical']} |")
+            if t.get("error"):
+                L.append(f"error: {t['error']}")
     if out.get("gim"):
         L.append("")
         L.append("## GIM cost (one forward + backward to the token embeddings; time / plain autograd)")
@@ -982,6 +1067,11 @@ def main(argv=None) -> int:
         out["local"] = bench_local(a, a.device, jobs)
     if "bf16" not in a.skip:
         out["bf16"] = bench_bf16(a, a.device)
+    if "torchrun" not in a.skip:
+        if a.device == "cpu":
+            out["torchrun"] = bench_torchrun(a)
+        else:
+            out["notes"].append("torchrun section: CPU only here (NCCL runs take --device cuda in the study command)")
 
     # headline fields
     g = out.get("global", {})
@@ -992,7 +1082,12 @@ def main(argv=None) -> int:
     out.update(batched_speedup=g.get("batched_speedup", float("nan")), ideal_speedup=g.get("ideal_speedup", float("nan")),
                max_abs_diff=g.get("max_abs_diff", float("nan")),
                gim_overhead=max(gims) if gims else float("nan"))
+    t = out.get("torchrun") or {}
+    if "identical" in t:
+        out.update(torchrun_identical=bool(t["identical"]), torchrun_speedup=t.get("speedup", float("nan")))
     goals = {}
+    if "identical" in t:
+        goals["torchrun_identical"] = bool(t["identical"])
     if g:
         goals["batched_speedup >= min(20, 0.5 ideal_speedup)"] = bool(g["goal_met"])
         goals["max_abs_diff <= 1e-4"] = bool(g["max_abs_diff"] <= GOAL_DIFF)

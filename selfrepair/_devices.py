@@ -7,7 +7,8 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["model_device", "model_dtype", "analysis_dtype", "is_reduced", "computing_in_float32"]
+__all__ = ["model_device", "model_dtype", "analysis_dtype", "is_reduced", "computing_in_float32",
+           "model_devices", "is_split"]
 
 
 def model_device(model) -> torch.device:
@@ -60,3 +61,24 @@ def computing_in_float32(model) -> Iterator[torch.dtype]:
         yield torch.float32
     finally:
         cast(old)
+
+
+def model_devices(model) -> list:
+    """Every device the model's parameters and buffers lie on, in order of first appearance; with an
+    accelerate placement (``hf_device_map``) also the devices it names (an int is ``cuda:N``)."""
+    out: list = []
+    tensors = list(model.parameters()) + (list(model.buffers()) if hasattr(model, "buffers") else [])
+    for t in tensors:
+        if t.device not in out:
+            out.append(t.device)
+    hf = getattr(model, "__dict__", {}).get("original_model", model)
+    for v in (getattr(hf, "hf_device_map", None) or {}).values():
+        d = torch.device(f"cuda:{v}" if isinstance(v, int) else ("meta" if v == "disk" else str(v)))
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def is_split(model) -> bool:
+    """True when the model lies on more than one device (placed by ``device_map`` / ``n_devices``)."""
+    return len(model_devices(model)) > 1

@@ -29,7 +29,7 @@ def _run(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def quick():
-    p = _run("--quick", "--json", "--gim-components")
+    p = _run("--quick", "--json", "--gim-components", timeout=900)  # the torchrun section runs 2 studies
     assert p.returncode == 0, p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
     return json.loads(last), p.stdout
@@ -49,6 +49,21 @@ def test_quick_json_fields(quick):
     assert isinstance(out["goal_met"], bool)
     m = out["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu_model"]
+
+
+def test_quick_torchrun_identical(quick):
+    """The torchrun section: one study as 1 and as 2 processes, every table equal (needs the shipped model)."""
+    from selfrepair.models.loading import DEFAULT_MODEL_DIR
+
+    out, text = quick
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        assert "skipped" in out["torchrun"]
+        return
+    t = out["torchrun"]
+    assert "error" not in t, t.get("error")
+    assert out["torchrun_identical"] is True and t["tables_differing"] == [] and len(t["tables"]) == 8
+    assert math.isfinite(out["torchrun_speedup"]) and out["torchrun_speedup"] > 0
+    assert "## torchrun" in text
 
 
 def test_quick_engine_matches_baseline(quick):

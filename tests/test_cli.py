@@ -120,7 +120,9 @@ def full_run(tmp_path_factory, shipped_model):
 def test_analyze_options_are_the_api_signature(capsys):
     from selfrepair.analysis import analyze_self_repair
 
-    params = [p for p in inspect.signature(analyze_self_repair).parameters.values() if p.name not in ("model", "task")]
+    # shard=(rank, world_size) is set by each torchrun rank (selfrepair.study.distributed), not a flag
+    params = [p for p in inspect.signature(analyze_self_repair).parameters.values()
+              if p.name not in ("model", "task", "shard")]
     args = cli.build_parser().parse_args(["analyze"])
     for p in params:
         expected = True if p.name == "global_effects" else p.default

@@ -22,7 +22,7 @@ from .records import read_frames, write_frames
 from .results import SelfRepairResult
 from .rows import row_effects
 
-__all__ = ["compare_estimates", "EstimateComparison", "agreement", "ESTIMATES", "TRUTHS", "SUBSETS"]
+__all__ = ["compare_estimates", "estimate_report", "EstimateComparison", "agreement", "ESTIMATES", "TRUTHS", "SUBSETS"]
 
 
 ESTIMATES = ("grad_estimate", "tsg_estimate", "gim_estimate")
@@ -182,10 +182,19 @@ def compare_estimates(model, task: Task, result, *, top_frac: float = 0.1, progr
     if not 0 < top_frac <= 1:
         raise ValueError(f"top_frac must lie in (0, 1]; got {top_frac}.")
     groups = result.groups.copy()
-    notes = []
     groups["gim_estimate"] = _gim_estimates(model, task, groups, result.settings, gim_options, progress)
-    if result.settings.get("ablation", "mean") != "mean":
-        notes.append(f"ablation={result.settings.get('ablation')!r}: gradient estimates are defined for finite "
+    report, notes = estimate_report(groups, result.settings, top_frac=top_frac)
+    settings = dict(top_frac=top_frac, gim_options=dict(gim_options), result_settings=dict(result.settings))
+    return EstimateComparison(groups=groups, report=report, notes=notes, settings=settings)
+
+
+def estimate_report(groups: pd.DataFrame, result_settings: dict, *, top_frac: float = 0.1) -> tuple:
+    """``(report, notes)`` of ``compare_estimates`` from groups that already hold ``gim_estimate`` (one row
+    per estimate, effect and subset with the statistics of ``agreement``); the merge of a sharded run
+    (``selfrepair.study.distributed``) calls it on the shards' groups put together."""
+    notes = []
+    if result_settings.get("ablation", "mean") != "mean":
+        notes.append(f"ablation={result_settings.get('ablation')!r}: gradient estimates are defined for finite "
                      "(mean) ablations only; every estimate is NaN.")
     truths = dict(TRUTHS)
     if "global_effect_joint" not in groups.columns:
@@ -202,5 +211,4 @@ def compare_estimates(model, task: Task, result, *, top_frac: float = 0.1, progr
                 m = subsets[sname]
                 recs.append(dict(estimate=est, effect=tname, subset=sname,
                                  **agreement(groups[est].to_numpy()[m], groups[tcol].to_numpy()[m], top_frac=top_frac)))
-    settings = dict(top_frac=top_frac, gim_options=dict(gim_options), result_settings=dict(result.settings))
-    return EstimateComparison(groups=groups, report=pd.DataFrame(recs), notes=notes, settings=settings)
+    return pd.DataFrame(recs), notes

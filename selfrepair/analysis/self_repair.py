@@ -155,6 +155,7 @@ def analyze_self_repair(
     checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    shard: Optional[tuple] = None,
 ) -> SelfRepairResult:
     """Individual versus joint ablations of the k keys of largest contribution, for every row
     ``(prompt, layer, head, query)`` with at least k keys above ``min_contribution`` (docs/quantities.md, "Individual versus joint").
@@ -166,6 +167,9 @@ def analyze_self_repair(
     cached activations (float32, or float64 for exactness checks); row arithmetic is float64.
     ``exclude_bos``: True / False, or None to detect it (True when every prompt starts with the model's
     BOS token), as in ``faithfulness``. ``batch_size``: prompts per batch. ``progress``: a progress bar.
+    ``shard=(rank, world_size)``: only the batches ``i`` with ``i % world_size == rank`` (the batches of the
+    whole task, so each row is computed exactly as in one process; prompt indices stay those of ``task``);
+    the shards' groups concatenated and sorted are the whole result (``selfrepair.study.distributed``).
     Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
     """
 
@@ -198,6 +202,9 @@ def analyze_self_repair(
     ck = BatchCheckpoint(Path(checkpoint_dir), settings, mhash, thash) if checkpoint_dir is not None else None
 
     starts = list(range(0, len(task), bs))
+    if shard is not None:
+        rank, world = _check_shard(shard)
+        starts = starts[rank::world]
     frames: List[pd.DataFrame] = []
     t_local = t_global = 0.0
     n_resumed = 0
@@ -231,6 +238,14 @@ def analyze_self_repair(
     groups = groups.sort_values(["prompt", "layer", "head", "query"], kind="stable").reset_index(drop=True)
     meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed)
     return SelfRepairResult(groups, settings, meta)
+
+
+def _check_shard(shard) -> tuple:
+    ok = isinstance(shard, (tuple, list)) and len(shard) == 2 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard)
+    if not ok or not 0 <= int(shard[0]) < int(shard[1]):
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size; got {shard!r}.")
+    return int(shard[0]), int(shard[1])
 
 
 def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k, min_contribution, select,

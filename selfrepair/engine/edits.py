@@ -110,6 +110,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._devices import is_split
 from .._devices import analysis_dtype as _out_dtype, model_device as _model_device, model_dtype as _model_dtype
 from .._typing import Float, Int, Tensor
 from ..models.facts import ModelFacts, model_facts
@@ -247,6 +248,8 @@ def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional
         kind, reason = None, "the model carries forward hooks (the fast path would bypass them)"
     if path == "hooks":
         kind, reason = None, "path='hooks' requested"
+    elif kind is None and is_split(model):
+        warnings.warn(f"selfrepair.engine: {reason}; the hook path measures the edits instead.")
     if path == "fast" and kind is None:
         raise ValueError(f"path='fast' is not available for this model: {reason}. Use path='auto' or 'hooks'.")
     if kind is not None:
@@ -696,7 +699,8 @@ def _measure_hooks(model, task, edits, idx, clean: CleanRun, dims: ModelFacts, b
 
             def fn(z, hook, R=R, Pp=Pp, Hh=Hh, D=D):
                 z = z.clone()
-                z.index_put_((R, Pp, Hh), D.to(z.dtype), accumulate=True)
+                dz = z.device  # a model split over devices: each layer's z on its own device
+                z.index_put_((R.to(dz), Pp.to(dz), Hh.to(dz)), D.to(dz, z.dtype), accumulate=True)
                 return z
 
             hooks.append((dims.z_hook.format(layer=l), fn))

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .._devices import is_split, model_devices
 from .._typing import Tensor
 from ..models.facts import ModelFacts
 
@@ -253,6 +254,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def fast_support(model, dims: ModelFacts):
     """(kind, None) when our own forward can stand in for this model, else (None, reason)."""
+    if is_split(model):
+        return None, (f"the model is split over devices {[str(d) for d in model_devices(model)]} (the fast path "
+                      "runs on one device)")
     if dims.kind != "bridge-hf":
         return None, f"backend {dims.kind!r} (the fast path covers HF-wrapped GPT-2 and Llama bridges)"
     hf = model.__dict__.get("original_model")

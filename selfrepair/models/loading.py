@@ -16,6 +16,12 @@
   within seconds with a one-line :class:`ModelLoadError` naming the offline
   default, never a hub traceback.
 
+``device_map`` / ``n_devices`` (checkpoint directories, the shipped model and Hub names only): the
+model is placed by accelerate (``from_pretrained(device_map=...)``; ``n_devices=N`` is
+TransformerLens' own translation, a balanced map over N GPUs), possibly split over devices; it
+excludes ``device``. ``selfrepair._devices.is_split(model)`` tells a split model; the engine's own
+forward (the fast path) steps aside for one, with a warning.
+
 ``device`` / ``dtype`` are applied in every case (for models given as objects
 the object is moved/cast in place, as ``nn.Module.to`` does). Without ``device``
 models built or read here go where TransformerLens puts them (CUDA if available,
@@ -90,10 +96,18 @@ def load_model(
     *,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    device_map: Optional[Union[str, dict]] = None,
+    n_devices: Optional[int] = None,
 ):
-    """Load ``spec`` (see module docstring) as a TransformerLens model in eval mode."""
+    """Load ``spec`` (see module docstring) as a TransformerLens model in eval mode.
+
+    ``device_map`` (accelerate's: ``"auto"``, ``"balanced"``, ``{"": "cpu"}``, ``{module: device}``) or
+    ``n_devices`` (split over that many GPUs) place a model read from disk or the Hub over devices."""
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
+    placement = _placement(spec, device, device_map, n_devices)
+    if placement is not None:
+        return _load_placed(spec, dtype, placement)
     if spec is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise ModelLoadError(
@@ -139,6 +153,37 @@ def check_runs_in(model, dtype: torch.dtype) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _placement(spec, device, device_map, n_devices) -> Optional[dict]:
+    """``{"device_map", "max_memory"}`` for ``from_pretrained`` (None: one device, the usual path)."""
+    if device_map is None and (n_devices is None or n_devices == 1):
+        return None
+    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1):
+        raise ValueError(f"n_devices must be a positive integer; got {n_devices!r}.")
+    if device is not None:
+        raise ValueError("give device= or device_map= / n_devices=, not both (a device map places every layer)")
+    if not (spec is None or (isinstance(spec, (str, os.PathLike)) and not str(spec).endswith(".bin"))):
+        raise ValueError("device_map= / n_devices= place a model read from a checkpoint directory, the shipped "
+                         "model or a Hub name; place a model object with accelerate yourself, then pass it")
+    from transformer_lens.utilities.multi_gpu import resolve_device_map  # optional: TransformerLens 4.x only
+
+    dm, mm = resolve_device_map(n_devices, device_map, None)
+    return {"device_map": dm, **({"max_memory": mm} if mm is not None else {})}
+
+
+def _load_placed(spec, dtype, placement: dict):
+    """A checkpoint directory (the shipped model, a Hub snapshot in the cache) placed by accelerate."""
+    if spec is None:
+        return _load_dir(DEFAULT_MODEL_DIR, None, dtype, placement=placement)
+    p = Path(os.fspath(spec)).expanduser()
+    if p.is_dir():
+        return _load_dir(p, None, dtype, placement=placement)
+    snap = _cached_snapshot(os.fspath(spec))
+    if snap is None:
+        raise ModelLoadError(f"{os.fspath(spec)!r}: device_map= / n_devices= need a checkpoint directory or a Hub "
+                             "model in the local cache (download it first)")
+    return _load_dir(snap, None, dtype, name=os.fspath(spec), placement=placement)
 
 
 def _apply(model, device, dtype):
@@ -272,7 +317,7 @@ def _has_tokenizer(d: Path) -> bool:
     return any((d / f).is_file() for f in _TOKENIZER_FILES)
 
 
-def _load_dir(d: Path, device, dtype, name: Optional[str] = None):
+def _load_dir(d: Path, device, dtype, name: Optional[str] = None, placement: Optional[dict] = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only where a Hugging Face model is built
 
     if not (d / "config.json").is_file():
@@ -289,11 +334,14 @@ def _load_dir(d: Path, device, dtype, name: Optional[str] = None):
     kwargs = {"local_files_only": True, "attn_implementation": "eager"}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    kwargs.update(placement or {})
     try:
         with _quiet_progress():
             hf_model = AutoModelForCausalLM.from_pretrained(str(d), **kwargs)
     except Exception as e:
         raise ModelLoadError(f"cannot load the checkpoint in {d}: {type(e).__name__}: {e}") from e
+    if placement:  # accelerate has placed every layer: no .to(device)
+        return _bridge_from_hf(hf_model, tokenizer=tokenizer, device=None, dtype=None, name=name or str(d))
     return _bridge_from_hf(
         hf_model, tokenizer=tokenizer, device=device or _default_device(), dtype=dtype, name=name or str(d)
     )

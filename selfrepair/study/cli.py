@@ -49,15 +49,17 @@ import torch
 from .._io import atomic_write
 from .._version import __version__ as version
 from ..analysis import rows as analysis_modes
+from ..analysis.identity import task_hash
 from ..analysis.self_repair import analyze_self_repair
 from ..models.loading import ModelLoadError, load_model
 from ..report.page import REPORT_HELP, add_report_arguments, build_report, report_main
 from .. import tasks
 from ..training import Recipe, train_default_model
+from . import distributed
 from .pipeline import (EXIT_ERROR, first_line, is_dtype, format_summary, headline, make_figures,
                        model_info, redraw, run_study, write_figures, figure_index, Timings)
 from .rundir import (CLIError, clear_run_dir, default_out, file_sha256, has_partial_results, jsonable,
-                     open_run_dir, prepare_run_dir, read_run_json, remove_run_files, resume_mismatch, study_key,
+                     attach_run_dir, open_run_dir, prepare_run_dir, read_run_json, remove_run_files, resume_mismatch, study_key,
                      versions, write_json)
 
 
@@ -119,9 +121,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def analysis_parameters() -> list[inspect.Parameter]:
-    """The keyword arguments of :func:`selfrepair.analyze_self_repair` (everything after model, task)."""
+    """The keyword arguments of :func:`selfrepair.analyze_self_repair` (everything after model, task; not
+    ``shard``, which a torchrun rank sets itself: ``selfrepair.study.distributed``)."""
     return [p for p in inspect.signature(analyze_self_repair).parameters.values()
-            if p.name not in ("model", "task") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if p.name not in ("model", "task", "shard") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _annotation_text(p: inspect.Parameter) -> str:
@@ -279,7 +282,9 @@ def _add_study_options(a: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", metavar="FILE.jsonl", default=None,
                      help="your own prompts, one JSON object per line: {\"prompt\", \"answer\", \"wrong\"} as text or "
                           "{\"tokens\", \"answer_id\", \"wrong_id\"} as ids (selfrepair.tasks.from_jsonl)")
-    g.add_argument("--n", type=_positive_int, default=DEFAULT_N, help="number of prompts of a built-in task")
+    g.add_argument("--n", "--n-prompts", dest="n", type=_positive_int, default=DEFAULT_N,
+                   help="number of prompts of a built-in task (--n-prompts under torchrun, whose own options "
+                        "take --n as an abbreviation)")
     g.add_argument("--seq-len", "--seq_len", dest="seq_len", type=_positive_int, default=DEFAULT_SEQ_LEN,
                    help="tokens per prompt of a built-in task (default: the task's own, 128 for code-copy, "
                         "61 for induction)")
@@ -440,24 +445,35 @@ def cmd_analyze(args) -> int:
     settings = settings_from_args(args)
     device = resolve_device(args.device)
     task_label = Path(args.prompts).stem if args.prompts else (args.task or DEFAULT_TASK)
+    ranks = distributed.init_process_group(device)  # torchrun: one rank of WORLD_SIZE (one process otherwise)
+    if ranks.active and not args.out:
+        raise CLIError("torchrun: give --out RUN_DIR (every rank must write into the same run folder)")
     # the folder is created (default names by an exclusive mkdir) and locked before the model loads: an
-    # unwritable --out or a folder another process runs in is one line at once
-    rundir = open_run_dir(Path(args.out) if args.out else None, task_label)
+    # unwritable --out or a folder another process runs in is one line at once. Under torchrun rank 0 owns
+    # (locks) the folder; the other ranks write only into their own shard folders inside it.
+    if ranks.active and not ranks.is_main:
+        rundir = attach_run_dir(Path(args.out))
+    else:
+        rundir = open_run_dir(Path(args.out) if args.out else None, task_label)
     out = rundir.path
+    resume, force = args.resume, args.force
+    if ranks.active and distributed.restart_count() > 0 and (out / "run.json").is_file():
+        resume, force = True, False  # restarted by torchrun (--max-restarts): continue from the checkpoints
     try:
-        mode = prepare_run_dir(out, resume=args.resume, force=args.force)
+        mode = prepare_run_dir(out, resume=resume, force=force)
     except CLIError:
         rundir.refuse()  # a folder it may not use: as it was
         raise
     try:
-        return _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_start, cpu_start)
+        return _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_start, cpu_start, ranks)
     except KeyboardInterrupt:
         print(f"selfrepair: interrupted; partial results are kept in {out}: run the same command with --resume "
               "to continue", file=sys.stderr)
         return 130
     except OSError as e:
         if not _is_write_error(e, out):
-            _clean_after_failure(rundir, mode)
+            if not ranks.active:
+                _clean_after_failure(rundir, mode)
             raise
         # disk full, read-only, permissions: keep everything (the run stays resumable), one line naming the file
         where = getattr(e, "filename", None) or out
@@ -466,7 +482,8 @@ def cmd_analyze(args) -> int:
         raise CLIError(f"cannot write {where}: {_cause(e)}; what was done is kept in {out}: free space (or fix the "
                        f"permissions) and {then}") from e
     except BaseException:
-        _clean_after_failure(rundir, mode)
+        if not ranks.active:  # a rank's shard checkpoints are kept for the restart
+            _clean_after_failure(rundir, mode)
         raise
     finally:
         rundir.release()
@@ -490,13 +507,13 @@ def _clean_after_failure(rundir, mode: str) -> None:
         remove_run_files(out, lock=mode == "new")
 
 
-def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_start, cpu_start) -> int:
+def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_start, cpu_start, ranks) -> int:
     out = rundir.path
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     with timings("load model"):
-        model = _load_model(args.model, device)
+        model = _load_model(args.model, distributed.rank_device(device, ranks))
     with timings("build task"):
         task = _build_task(model, args)
 
@@ -511,6 +528,10 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
            "attribution_n": min(args.attribution_n or len(task), len(task)),
            "device": device, "threads": torch.get_num_threads(), "versions": versions(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if ranks.active:  # every rank the same model, task and settings, refused before any work
+        run["world_size"] = ranks.world_size
+        identity = dict(study_key(run), weights_sha256=run["model"]["weights_sha256"], task_sha256=task_hash(task))
+        distributed.check_agreement(dict(identity, mode=mode), ranks)
     if mode == "resume":
         old = read_run_json(out / "run.json")
         detail = resume_mismatch(old, run)
@@ -519,16 +540,24 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
                            "run the same command with --resume, or pass --force to start over")
         run["started"] = old.get("started")
         run["resumed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    else:
+    elif ranks.is_main:
         if mode == "overwrite":
             clear_run_dir(out)
         write_json(out / "run.json", run)
+    distributed.barrier(ranks)  # rank 0 has prepared the folder
 
     progress = bool(settings.get("progress", True))
     key = dict(study_key(jsonable(run)), weights_sha256=run["model"].get("weights_sha256"))
-    res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
-                    attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings,
-                    resume=mode == "resume", key=key)
+    if ranks.active:
+        res = distributed.run_sharded(model, task, settings, out=out, head_ablation=args.head_ablation,
+                                      attribution_n=args.attribution_n, seed=args.seed, progress=progress,
+                                      timings=timings, identity=identity, resume=mode == "resume", key=key)
+        if res is None:
+            return 0  # rank 0 merges and writes the figures and summary.json
+    else:
+        res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
+                        attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings,
+                        resume=mode == "resume", key=key)
     tables = res["tables"]
     info = run["model"]
     with timings("figures"):

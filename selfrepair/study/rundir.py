@@ -32,7 +32,7 @@ import pandas as pd
 from .._io import atomic_write
 from ..analysis.identity import identity_changes, versions as package_versions
 
-__all__ = ["CLIError", "RunInUse", "RunLock", "RunDir", "open_run_dir", "remove_run_files", "LOCK_NAME", "settings_hash",
+__all__ = ["CLIError", "RunInUse", "RunLock", "RunDir", "open_run_dir", "attach_run_dir", "remove_run_files", "LOCK_NAME", "settings_hash",
            "write_json", "jsonable", "write_table", "read_table", "versions", "default_out",
            "prepare_run_dir", "clear_run_dir", "study_key", "resume_mismatch", "read_run_json", "RUN_FILES", "has_partial_results", "file_sha256"]
 
@@ -234,6 +234,26 @@ class RunDir:
         if self.lock.created:
             (self.path / LOCK_NAME).unlink(missing_ok=True)
         self.lock.release()
+
+
+class _SharedLock:
+    """No lock: a torchrun rank other than 0 works inside the folder rank 0 owns (its own shard folder)."""
+
+    created = False
+
+    def release(self) -> None:
+        pass
+
+
+def attach_run_dir(out: Path) -> RunDir:
+    """The run folder ``out`` for a torchrun rank other than 0: created when missing, not locked (rank 0 holds
+    the lock; every rank writes only into its own ``checkpoints/shards/rank{r}-of-{W}``)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create the run folder {out}: {_cause(e)}") from e
+    return RunDir(out, _SharedLock(), [])
 
 
 def open_run_dir(out: Optional[Path], task_label: str) -> RunDir:
