@@ -39,13 +39,19 @@ SMALL = ["--task", "induction", "--n", "3", "--seq-len", "31", "--layers", "0", 
 GROUP_COLUMNS = ["prompt", "layer", "head", "query", "keys", "contributions", "effects", "effect_sum", "effect_joint",
                  "interaction", "interaction_sym", "self_repair", "shapley", "value_similarity", "value_effects",
                  "value_effect_joint", "grad_estimate", "tsg_estimate", "gim_estimate", "global_effects",
-                 "global_effect_joint", "global_interaction", "downstream_gap"]
+                 "global_effect_joint", "global_interaction", "downstream_gap", "mass_interaction", "excess_interaction",
+                 "concealment", "concealment_share", "permutation_p", "c_ratio", "value_similarity_out",
+                 "n_contributing", "n_clusters"]
 TABLE_COLUMNS = {
     "groups": GROUP_COLUMNS,
     "estimates": ["estimate", "effect", "subset", "spearman", "sign_agreement", "topk_overlap"],
     "head_summary": ["layer", "head", "n_groups", "n_defined", "frac_self_repair", "ci_low", "ci_high",
-                     "median_interaction"],
-    "sweep": ["threshold", "fraction", "ci_low", "ci_high", "n_defined"],
+                     "median_interaction", "n_tested", "frac_permutation", "perm_ci_low", "perm_ci_high"],
+    "sweep": ["threshold", "fraction", "ci_low", "ci_high", "n_defined", "fraction_permutation", "perm_ci_low",
+              "perm_ci_high"],
+    "group_sizes": ["layer", "head", "quantity", "value", "count", "share"],
+    "by_group_size": ["layer", "head", "group_size", "n_groups", "median_interaction", "median_mass_interaction",
+                      "median_excess_interaction"],
     "heads": ["layer", "head", "measured", "grad_estimate", "gim_estimate"],
     "faithfulness": ["method", "q", "comprehensiveness", "sufficiency", "comprehensiveness_rel", "sufficiency_rel"],
     "token_attributions": ["prompt", "position", "token", "grad", "gim"],
@@ -53,7 +59,8 @@ TABLE_COLUMNS = {
 }
 FIGURE_KINDS = ["01_joint_vs_sum", "02_estimates_local", "02_estimates_global", "03_head_heatmaps",
                 "04_threshold_sweep", "05_local_vs_global", "06_head_ranking", "07_attention_row",
-                "08_token_attributions"]
+                "08_token_attributions", "09_r_vs_mass", "10_flag_rules", "11_group_sizes",
+                "12_excess_by_group_size"]
 
 
 def _env():

@@ -78,7 +78,7 @@ from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, Sel
 from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, interaction_ratio, row_effects,
                    select_keys)
 
-__all__ = ["analyze_self_repair"]
+__all__ = ["analyze_self_repair", "permutation_seed", "head_output_weights"]
 
 
 # =========================================================================== closed-form row arithmetic
@@ -192,8 +192,8 @@ def analyze_self_repair(
     ``k="auto"``: each row's group is all its contributing keys (largest w first, at most ``k_max``; rows
     with fewer than 2 are skipped), so groups of different sizes share the table (docs/quantities.md,
     "Group sizes"). ``n_permutations`` and ``seed``: the permutation test of each group (``permutation_p``;
-    row ``(prompt, layer)`` draws from a generator seeded by ``(seed, prompt, layer, group size)``, so the
-    result does not depend on ``batch_size``). ``cluster_similarity``: the cosine that joins two keys in
+    each row draws from its own generator, ``permutation_seed(seed, prompt, layer, head, query)``, so the
+    result does not depend on ``batch_size`` or on the other rows). ``cluster_similarity``: the cosine that joins two keys in
     ``n_clusters``. ``alpha``: the false-discovery rate of the permutation test's Benjamini-Hochberg
     correction in ``summary()`` / ``sweep()`` (docs/quantities.md, "What r is made of", "Intervals").
     Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
@@ -299,18 +299,25 @@ def _select_auto(w, keys_ok, row_ok, *, k_max: int, min_contribution: float, sel
     return out
 
 
-def _permutation_p_by_prompt(a_r, m_r, c_r, keys, mm_r, bi_global, layer: int, *, ablation, min_effect,
-                             n_permutations, seed, exclude_bos) -> Tensor:
-    """``permutation_p`` of the rows, one generator per (prompt, layer, group size), seeded from
-    ``(seed, prompt, layer, k)`` (``numpy.random.SeedSequence``): the same draws whatever the batching."""
-    out = torch.full((len(bi_global),), float("nan"), dtype=torch.float64, device=a_r.device)
-    k = keys.shape[1]
-    for p in torch.unique(bi_global).tolist():
-        sel = (bi_global == p).nonzero().squeeze(1)
-        s = int(np.random.SeedSequence([int(seed), int(p), int(layer), int(k)]).generate_state(1)[0])
-        o = permutation_p(a_r[sel], m_r[sel], c_r[sel], keys[sel], mm_r[sel], ablation=ablation,
-                          min_effect=min_effect, n_permutations=n_permutations, seed=s, exclude_bos=exclude_bos)
-        out[sel] = o["permutation_p"]
+def permutation_seed(seed: int, prompt: int, layer: int, head: int, query: int) -> int:
+    """The seed of one row's permutation test: ``numpy.random.SeedSequence([seed, prompt, layer, head, query])``'s
+    first 32-bit word, so a row's draws do not depend on the batching, the padding or the other rows."""
+    return int(np.random.SeedSequence([int(seed), int(prompt), int(layer), int(head), int(query)]).generate_state(1)[0])
+
+
+def _permutation_p_rows(a_r, m_r, c_r, keys, mm_r, prompts, heads, queries, lengths, layer: int, *, ablation,
+                        min_effect, n_permutations, seed, exclude_bos) -> Tensor:
+    """``permutation_p`` of each row on its own generator (``permutation_seed``), the row cut to its prompt's
+    length (``lengths`` [R]; keys beyond it are padding)."""
+    out = torch.full((len(prompts),), float("nan"), dtype=torch.float64, device=a_r.device)
+    P, H, Q, Ln = (x.tolist() for x in (prompts, heads, queries, lengths))
+    for i in range(len(P)):
+        n_p = int(Ln[i])
+        o = permutation_p(a_r[i:i + 1, :n_p], m_r[i:i + 1, :n_p], c_r[i:i + 1, :n_p], keys[i:i + 1],
+                          mm_r[i:i + 1, :n_p], ablation=ablation, min_effect=min_effect,
+                          n_permutations=n_permutations, seed=permutation_seed(seed, P[i], layer, H[i], Q[i]),
+                          exclude_bos=exclude_bos)
+        out[i] = o["permutation_p"][0]
     return out
 
 
@@ -354,9 +361,10 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
                             value_ablation=value_ablation, temperature=temperature, global_effects=global_effects,
                             min_contribution=min_contribution, select=select, exclude_bos=exclude_bos,
                             min_effect=min_effect, cluster_similarity=cluster_similarity)
-            o["permutation_p"] = _permutation_p_by_prompt(
-                o.pop("_a"), o.pop("_m"), o.pop("_c"), keys, o.pop("_mm"), bi + offset, l, ablation=ablation,
-                min_effect=min_effect, n_permutations=n_permutations, seed=seed, exclude_bos=exclude_bos)
+            o["permutation_p"] = _permutation_p_rows(
+                o.pop("_a"), o.pop("_m"), o.pop("_c"), keys, o.pop("_mm"), bi + offset, hi, qi, run.lengths[bi], l,
+                ablation=ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
+                exclude_bos=exclude_bos)
             o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
                      metric=run.metric[bi].to(f64))
             if global_effects:
