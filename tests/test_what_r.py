@@ -332,3 +332,48 @@ def test_sweep_intervals_are_wilson_with_the_design_effect():
         lo, hi = wilson(k, n) if 0 < k < n else (wilson(k, n)[0] if k else 0.0, 1.0 if k == n else wilson(k, n)[1])
         assert row.fraction == pytest.approx(k / n)
         assert (row.ci_low, row.ci_high) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_figures_show_the_columns(gpt2_bridge64):
+    from selfrepair import plots
+
+    task = _task(gpt2_bridge64, seed=2)
+    res = analyze_self_repair(gpt2_bridge64, task, k="auto", min_contribution=0.004, select="abs", layers=[2],
+                              n_permutations=10, progress=False, dtype=F64, min_effect=ME)
+    g = res.groups
+    fig = plots.plot_r_vs_mass(res)
+    pts = [t for t in fig.data if t.mode == "markers"][0]
+    ok = g["interaction"].notna() & g["mass_interaction"].notna()
+    assert np.allclose(pts.x, g.loc[ok, "mass_interaction"]) and np.allclose(pts.y, g.loc[ok, "interaction"])
+    assert np.allclose(pts.marker.color, g.loc[ok, "c_ratio"])
+    assert any(t.name and t.name.startswith("y = x") for t in fig.data)
+    # flag rules: per head, share r > 0.1 over defined r (by hand) and the permutation share
+    fig = plots.plot_flag_rules(res)
+    r_bar = [t for t in fig.data if t.name == "r > 0.1"][0]
+    flags = res.permutation_test()["permutation_flag"]
+    for x, y in zip(r_bar.x, r_bar.y):
+        h = int(x.split("H")[1])
+        d = g[(g["head"] == h) & g["interaction"].notna()]
+        assert y == pytest.approx((d["interaction"] > 0.1).mean())
+    p_bar = [t for t in fig.data if t.name.startswith("permutation")][0]
+    for x, y in zip(p_bar.x, p_bar.y):
+        h = int(x.split("H")[1])
+        sel = (g["head"] == h) & g["permutation_p"].notna()
+        assert y == pytest.approx(flags[sel].mean())
+    # group sizes: the shares of n_contributing per head
+    fig = plots.plot_group_sizes(res)
+    hm = fig.data[0]
+    for j, lab in enumerate(hm.x):
+        h = int(lab.split("H")[1])
+        vc = g.loc[g["head"] == h, "n_contributing"].value_counts(normalize=True)
+        for i, v in enumerate(hm.y):
+            want = vc.get(int(v), np.nan)
+            assert (np.isnan(want) and np.isnan(hm.z[i][j])) or hm.z[i][j] == pytest.approx(want)
+    # excess by group size: the box holds every group's excess_interaction at its size
+    fig = plots.plot_excess_by_group_size(res)
+    box = fig.data[0]
+    assert list(box.x) == [len(k) for k in g["keys"]]
+    assert np.allclose(np.asarray(box.y, float), g["excess_interaction"].to_numpy(float), equal_nan=True)
