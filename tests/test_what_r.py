@@ -377,3 +377,27 @@ def test_figures_show_the_columns(gpt2_bridge64):
     box = fig.data[0]
     assert list(box.x) == [len(k) for k in g["keys"]]
     assert np.allclose(np.asarray(box.y, float), g["excess_interaction"].to_numpy(float), equal_nan=True)
+
+
+def test_row_seeds_equal_one_call_per_row():
+    """decomposition.permutation_p with row_seeds / row_lengths (what the analysis uses) gives, for every row,
+    what a call on that row alone, cut to its length, with that seed gives."""
+    from selfrepair.analysis.decomposition import permutation_p
+
+    g = np.random.default_rng(5)
+    R, n = 7, 11
+    a = torch.tensor(g.normal(size=(R, n)) * 2.0)
+    c = torch.tensor(g.normal(size=(R, n)))
+    lengths = [11, 9, 7, 11, 8, 10, 6]
+    mask = torch.arange(n)[None] < torch.tensor(lengths)[:, None]
+    keys = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(i))[:2] for i, L in enumerate(lengths)])
+    seeds = [int(x) for x in g.integers(0, 2 ** 31, R)]
+    out = permutation_p(a, mask, c, keys, mask, n_permutations=30, row_seeds=seeds, row_lengths=lengths,
+                        min_effect=1e-6)["permutation_p"]
+    for r in range(R):
+        L = lengths[r]
+        one = permutation_p(a[r:r + 1, :L], mask[r:r + 1, :L], c[r:r + 1, :L], keys[r:r + 1], mask[r:r + 1, :L],
+                            n_permutations=30, seed=seeds[r], min_effect=1e-6)["permutation_p"][0]
+        assert out[r].item() == one.item() or (math.isnan(out[r].item()) and math.isnan(one.item()))
+    with pytest.raises(ValueError, match="must be masked"):
+        permutation_p(a, torch.ones_like(mask), c, keys, mask, row_seeds=seeds, row_lengths=lengths)

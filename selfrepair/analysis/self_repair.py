@@ -307,18 +307,13 @@ def permutation_seed(seed: int, prompt: int, layer: int, head: int, query: int) 
 
 def _permutation_p_rows(a_r, m_r, c_r, keys, mm_r, prompts, heads, queries, lengths, layer: int, *, ablation,
                         min_effect, n_permutations, seed, exclude_bos) -> Tensor:
-    """``permutation_p`` of each row on its own generator (``permutation_seed``), the row cut to its prompt's
-    length (``lengths`` [R]; keys beyond it are padding)."""
-    out = torch.full((len(prompts),), float("nan"), dtype=torch.float64, device=a_r.device)
-    P, H, Q, Ln = (x.tolist() for x in (prompts, heads, queries, lengths))
-    for i in range(len(P)):
-        n_p = int(Ln[i])
-        o = permutation_p(a_r[i:i + 1, :n_p], m_r[i:i + 1, :n_p], c_r[i:i + 1, :n_p], keys[i:i + 1],
-                          mm_r[i:i + 1, :n_p], ablation=ablation, min_effect=min_effect,
-                          n_permutations=n_permutations, seed=permutation_seed(seed, P[i], layer, H[i], Q[i]),
-                          exclude_bos=exclude_bos)
-        out[i] = o["permutation_p"][0]
-    return out
+    """``permutation_p`` of the rows, each row on its own generator (``permutation_seed``) over its prompt's
+    length (``lengths`` [R]; keys beyond it are padding), all rows in one batched call."""
+    seeds = [permutation_seed(seed, p, layer, h, q) for p, h, q in zip(prompts.tolist(), heads.tolist(),
+                                                                         queries.tolist())]
+    return permutation_p(a_r, m_r, c_r, keys, mm_r, ablation=ablation, min_effect=min_effect,
+                         n_permutations=n_permutations, exclude_bos=exclude_bos, row_seeds=seeds,
+                         row_lengths=lengths.tolist())["permutation_p"]
 
 
 def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k, min_contribution, select,
