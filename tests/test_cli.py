@@ -380,12 +380,15 @@ def test_errors_are_one_line(capsys, tmp_path, monkeypatch, shipped_model):
     if not torch.cuda.is_available():
         _one_line_error(capsys, ["analyze", "--device", "cuda", *out], "CUDA", "--device cpu")
     # bad option values: found by argparse ...
-    _usage_error(capsys, ["analyze", "--k", "two"], "--k", "invalid int")
+    _usage_error(capsys, ["analyze", "--k", "two"], "--k", "expected an integer from 2 to 8 or 'auto'")
     _usage_error(capsys, ["analyze", "--ablation", "zero"], "--ablation", "knockout")
     _usage_error(capsys, ["analyze", "--n", "0"], "--n", "positive")
     _usage_error(capsys, ["analyze", "--task", "induction", "--prompts", "x.jsonl"], "not allowed")
     # ... and by the analysis itself (the same checks as the Python API)
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "1", *out], "k must be")
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "auto", "--k-max", "9", *out], "k_max must be")
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--n-permutations", "0", "--alpha", "0.5", *out],
+                    "n_permutations must be")
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--layers", "9", *out], "layer 9")
     _one_line_error(capsys, ["analyze", "--task", "no-such-task", *out], "no-such-task")
     assert not (tmp_path / "r").exists(), "a failed start left a run folder behind"

@@ -219,9 +219,9 @@ def make_figures(tables: dict, settings: dict, n_layers: Optional[int] = None, n
         if "mass_interaction" in g.columns:
             figs["09_r_vs_mass"] = plots.plot_r_vs_mass(g, threshold=t)
             figs["12_excess_by_group_size"] = plots.plot_excess_by_group_size(g)
-    if "frac_permutation" in tables.get("head_summary", {}):
+    if len(g) and "frac_permutation" in tables.get("head_summary", {}):
         figs["10_flag_rules"] = plots.plot_flag_rules(tables["head_summary"], threshold=t)
-    if "group_sizes" in tables and len(tables["group_sizes"]):
+    if len(g) and "group_sizes" in tables and len(tables["group_sizes"]):
         figs["11_group_sizes"] = plots.plot_group_sizes(tables["group_sizes"])
     if "heads" in tables:
         figs["06_head_ranking"] = plots.plot_head_ranking(tables["heads"])
