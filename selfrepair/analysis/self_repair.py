@@ -36,7 +36,10 @@ per key of S, largest contribution first):
   ``grad_estimates``, ``tsg_estimates`` (the estimates are linear, so they sum to the joint one);
 - with ``global_effects=True``: ``global_effects`` ``G_n``, ``global_effect_joint`` ``G_S``,
   ``global_effect_sum``, ``global_interaction`` (same NaN floor as r, with the same ``w``),
-  ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)``.
+  ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)``;
+- what r is made of and group sizes (docs/quantities.md): ``mass_interaction``, ``excess_interaction``,
+  ``concealment`` (per key), ``concealment_share``, ``permutation_p``, ``c_ratio``, ``value_similarity_out``,
+  ``n_contributing``, ``n_clusters``.
 
 Decisions where the definitions (docs/quantities.md) are silent (documented, tested):
 - queries analysed: every real position ``i <= `` the prompt's metric position
@@ -47,8 +50,10 @@ Decisions where the definitions (docs/quantities.md) are silent (documented, tes
   towards the "more than k unmasked keys" knockout condition);
 - ``interaction_sym`` is reported for every row (NaN only when its denominator
   is 0); summary medians use rows with a defined ``interaction`` only;
-- the summary's bootstrap resamples prompts (rows of one prompt are not
-  independent); ``cluster="group"`` resamples rows instead.
+- the summary's and sweep's intervals treat the rows of one prompt as one cluster (Wilson on n / design
+  effect, ``stats.proportion_intervals``); ``cluster="group"`` makes every row its own cluster;
+- the permutation test draws from one generator per row (``permutation_seed``), so it does not depend on
+  the batching.
 """
 
 from __future__ import annotations
