@@ -33,6 +33,9 @@ def _same_frame(a: pd.DataFrame, b: pd.DataFrame):
         for u, v in zip(x, y):
             if isinstance(u, float) and np.isnan(u):
                 assert isinstance(v, float) and np.isnan(v), c
+            elif isinstance(u, tuple):                 # tuple cells may hold NaN (e.g. concealment without c_rest)
+                assert type(v) is tuple and [type(e) for e in u] == [type(e) for e in v], (c, u, v)
+                assert np.array_equal(np.array(u, dtype=float), np.array(v, dtype=float), equal_nan=True), (c, u, v)
             else:
                 assert u == v and type(u) is type(v), (c, u, v)
 

@@ -39,13 +39,19 @@ SMALL = ["--task", "induction", "--n", "3", "--seq-len", "31", "--layers", "0", 
 GROUP_COLUMNS = ["prompt", "layer", "head", "query", "keys", "contributions", "effects", "effect_sum", "effect_joint",
                  "interaction", "interaction_sym", "self_repair", "shapley", "value_similarity", "value_effects",
                  "value_effect_joint", "grad_estimate", "tsg_estimate", "gim_estimate", "global_effects",
-                 "global_effect_joint", "global_interaction", "downstream_gap"]
+                 "global_effect_joint", "global_interaction", "downstream_gap", "mass_interaction", "excess_interaction",
+                 "concealment", "concealment_share", "permutation_p", "c_ratio", "value_similarity_out",
+                 "n_contributing", "n_clusters"]
 TABLE_COLUMNS = {
     "groups": GROUP_COLUMNS,
     "estimates": ["estimate", "effect", "subset", "spearman", "sign_agreement", "topk_overlap"],
     "head_summary": ["layer", "head", "n_groups", "n_defined", "frac_self_repair", "ci_low", "ci_high",
-                     "median_interaction"],
-    "sweep": ["threshold", "fraction", "ci_low", "ci_high", "n_defined"],
+                     "median_interaction", "n_tested", "frac_permutation", "perm_ci_low", "perm_ci_high"],
+    "sweep": ["threshold", "fraction", "ci_low", "ci_high", "n_defined", "fraction_permutation", "perm_ci_low",
+              "perm_ci_high"],
+    "group_sizes": ["layer", "head", "quantity", "value", "count", "share"],
+    "by_group_size": ["layer", "head", "group_size", "n_groups", "median_interaction", "median_mass_interaction",
+                      "median_excess_interaction"],
     "heads": ["layer", "head", "measured", "grad_estimate", "gim_estimate"],
     "faithfulness": ["method", "q", "comprehensiveness", "sufficiency", "comprehensiveness_rel", "sufficiency_rel"],
     "token_attributions": ["prompt", "position", "token", "grad", "gim"],
@@ -54,7 +60,8 @@ TABLE_COLUMNS = {
 }
 FIGURE_KINDS = ["01_joint_vs_sum", "02_estimates_local", "02_estimates_global", "03_head_heatmaps",
                 "04_threshold_sweep", "05_local_vs_global", "06_head_ranking", "07_attention_row",
-                "08_token_attributions"]
+                "08_token_attributions", "09_r_vs_mass", "10_flag_rules", "11_group_sizes",
+                "12_excess_by_group_size"]
 
 
 def _env():
@@ -383,12 +390,15 @@ def test_errors_are_one_line(capsys, tmp_path, monkeypatch, shipped_model):
     if not torch.cuda.is_available():
         _one_line_error(capsys, ["analyze", "--device", "cuda", *out], "CUDA", "--device cpu")
     # bad option values: found by argparse ...
-    _usage_error(capsys, ["analyze", "--k", "two"], "--k", "invalid int")
+    _usage_error(capsys, ["analyze", "--k", "two"], "--k", "expected an integer from 2 to 8 or 'auto'")
     _usage_error(capsys, ["analyze", "--ablation", "zero"], "--ablation", "knockout")
     _usage_error(capsys, ["analyze", "--n", "0"], "--n", "positive")
     _usage_error(capsys, ["analyze", "--task", "induction", "--prompts", "x.jsonl"], "not allowed")
     # ... and by the analysis itself (the same checks as the Python API)
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "1", *out], "k must be")
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "auto", "--k-max", "9", *out], "k_max must be")
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--n-permutations", "0", "--alpha", "0.5", *out],
+                    "n_permutations must be")
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--layers", "9", *out], "layer 9")
     _one_line_error(capsys, ["analyze", "--task", "no-such-task", *out], "no-such-task")
     assert not (tmp_path / "r").exists(), "a failed start left a run folder behind"

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["01_self_repair_tour.ipynb", "02_gim_vs_ablation.ipynb", "03_head_circuits.ipynb"]
+NOTEBOOKS = ["01_self_repair_tour.ipynb", "02_gim_vs_ablation.ipynb", "03_head_circuits.ipynb",
+             "04_what_r_measures.ipynb"]
 #: the issue's bound on 2 CPU cores is 2 minutes; the test allows headroom for a loaded CI machine
 NOTEBOOK_BUDGET_S = 240
 

@@ -187,8 +187,11 @@ def test_threshold_sweep(study):
     for t, f in zip(line.x, line.y):
         assert f == pytest.approx(float((r > t).mean()))
     assert 0.1 in list(line.x)
-    band = _trace(fig, "95% bootstrap interval")
+    band = _trace(fig, "95% interval (Wilson, design effect)")
     assert band.fill == "toself"
+    sw = res.sweep(sorted(set(line.x)))                        # the band is the sweep's interval (Wilson + deff)
+    n = len(line.x)
+    assert np.allclose(np.asarray(band.y[:n], float), sw["ci_high"]) and np.allclose(np.asarray(band.y[n:], float)[::-1], sw["ci_low"])
     vlines = [s for s in fig.layout.shapes if s.x0 == s.x1]
     assert any(s.x0 == pytest.approx(0.1) for s in vlines), "the threshold 0.1 is not marked"
     assert "threshold" in fig.layout.xaxis.title.text and "fraction" in fig.layout.yaxis.title.text

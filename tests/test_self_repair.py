@@ -705,6 +705,10 @@ def test_parquet_round_trip(planted, tmp_path):
     res.to_parquet(path)
     back = SelfRepairResult.read_parquet(path)
     _exact_equal(res.groups, back.groups)
+    new = ["mass_interaction", "excess_interaction", "concealment", "concealment_share", "permutation_p", "c_ratio",
+           "value_similarity_out", "n_contributing", "n_clusters"]
+    assert set(new) <= set(back.groups.columns) and back.groups["permutation_p"].notna().any()
+    assert back.groups["n_clusters"].dtype == np.int64 and all(len(t) == 2 for t in back.groups["concealment"])
     assert back.settings == res.settings and back.meta == res.meta
     assert isinstance(back.groups["keys"].iloc[0][0], int)
     kv = pq.read_schema(path).metadata

@@ -18,7 +18,7 @@ ratio is ``max(min_effect, 0.01 sum_S |w_j|)`` with ``w_j = p_j c_j`` (SPEC "Ind
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -181,6 +181,8 @@ def permutation_p(
     seed: int = 0,
     exclude_bos: bool = False,
     chunk_rows: Optional[int] = None,
+    row_seeds: Optional[Sequence[int]] = None,
+    row_lengths: Optional[Sequence[int]] = None,
 ) -> Dict[str, Tensor]:
     """Permutation test of "the interaction needs these contributions" (scores and S fixed).
 
@@ -199,6 +201,11 @@ def permutation_p(
     smaller, so permutations that leave r unchanged, e.g. under two equal scores and a uniform rest,
     count as ties). Returns ``permutation_p``, ``interaction`` (r, from the kernel with the row's own c)
     and ``n_defined`` (defined r_b), [R].
+
+    ``row_seeds`` (one per row) and ``row_lengths`` (default n): each row draws from its own generator
+    instead, ``u[r] = torch.rand(B, row_lengths[r], dtype=float64, generator=torch.Generator()
+    .manual_seed(row_seeds[r]))`` (keys at or beyond ``row_lengths[r]`` must be masked), i.e. the numbers a
+    call on that row alone, cut to its length, with ``seed=row_seeds[r]`` draws; the rest stays batched.
     """
     _check_ablation(ablation)
     B = int(n_permutations)
@@ -221,12 +228,25 @@ def permutation_p(
     fixed_cpu = (~perm_ok).cpu()
     pos = torch.arange(n, dtype=_F64)
     step = int(chunk_rows) if chunk_rows is not None else max(1, _BUDGET // (B * (n + k + 2)))
+    if row_seeds is not None:
+        row_seeds = [int(x) for x in row_seeds]
+        row_lengths = [n] * R if row_lengths is None else [int(x) for x in row_lengths]
+        if len(row_seeds) != R or len(row_lengths) != R or any(not 0 <= x <= n for x in row_lengths):
+            raise ValueError(f"row_seeds and row_lengths need one entry per row ({R}), lengths within 0..{n}.")
+        if bool((mask & (torch.arange(n, device=dev)[None] >= torch.tensor(row_lengths, device=dev)[:, None])).any()):
+            raise ValueError("keys at or beyond a row's row_lengths entry must be masked.")
     ge = torch.zeros(R, dtype=torch.long, device=dev)
     n_def = torch.zeros(R, dtype=torch.long, device=dev)
     for s in range(0, R, step):
         sl = slice(s, s + step)
         Rc = a[sl].shape[0]
-        u = torch.rand(Rc, B, n, dtype=_F64, generator=gen)
+        if row_seeds is None:
+            u = torch.rand(Rc, B, n, dtype=_F64, generator=gen)
+        else:
+            u = torch.zeros(Rc, B, n, dtype=_F64)                       # beyond a row's length: masked, fixed
+            for i, r_ in enumerate(range(s, s + Rc)):
+                u[i, :, :row_lengths[r_]] = torch.rand(B, row_lengths[r_], dtype=_F64,
+                                                       generator=torch.Generator().manual_seed(row_seeds[r_]))
         u = torch.where(fixed_cpu[sl, None, :], 2.0 + pos, u).numpy()      # fixed keys sort last, in order
         src = torch.from_numpy(np.argsort(u, axis=2)).to(dev)              # numpy's sort: ~4x torch's on CPU
         dst = dst_all[sl, None, :].expand(Rc, B, n)

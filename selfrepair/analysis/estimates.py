@@ -137,8 +137,9 @@ def _gim_estimates(model, task: Task, groups: pd.DataFrame, settings: dict, gim_
         if settings.get("exclude_bos", False):
             mean_mask[:, :, 0] = False
         g_rows = groups.iloc[rows]
-        for l in sorted(set(g_rows["layer"].tolist())):
-            sel = rows[(g_rows["layer"] == l).to_numpy()]
+        size = np.array([len(k) for k in g_rows["keys"]], dtype=np.int64)     # k="auto": groups of several sizes
+        for l, kk in sorted(set(zip(g_rows["layer"].tolist(), size.tolist()))):
+            sel = rows[((g_rows["layer"] == l).to_numpy()) & (size == kk)]
             gr = groups.iloc[sel]
             bi = gr["prompt"].to_numpy(dtype=np.int64) - start
             qi = gr["query"].to_numpy(dtype=np.int64)

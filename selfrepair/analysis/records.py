@@ -68,8 +68,12 @@ def read_frames(path: Union[str, os.PathLike], kind: str) -> tuple:
         sub = sub.rename_columns(cols) if cols else sub
         df = sub.to_pandas() if cols else pd.DataFrame(index=range(n))
         for c in cols:  # list columns (the groups' per-key tuples) come back as tuples, as they were written
-            if pa.types.is_list(sub.schema.field(c).type):
-                df[c] = pd.Series([None if v is None else tuple(v) for v in sub.column(c).to_pylist()], dtype=object)
+            typ = sub.schema.field(c).type
+            if pa.types.is_list(typ):
+                # pandas' NaN inside a float tuple was written as null (from_pandas): read it back as NaN
+                fl = pa.types.is_floating(typ.value_type)
+                df[c] = pd.Series([None if v is None else tuple(float("nan") if fl and x is None else x for x in v)
+                                   for v in sub.column(c).to_pylist()], dtype=object)
         frames[name] = df
         start += n
     return frames, info

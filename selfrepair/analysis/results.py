@@ -16,6 +16,7 @@ import torch
 
 from .._io import atomic_write
 from .rows import check_mode
+from .stats import benjamini_hochberg, proportion_intervals
 
 __all__ = ["SelfRepairResult", "read_result_info", "json_default", "RESULT_FORMAT", "TUPLE_COLUMNS", "INT_COLUMNS",
            "BOOL_COLUMNS", "BASE_COLUMNS", "GLOBAL_COLUMNS", "empty_groups", "read_parquet_table", "write_parquet_table",
@@ -29,17 +30,20 @@ RESULT_FORMAT = 1
 TUPLE_COLUMNS = {
     "keys": "int", "contributions": "float", "effects": "float", "shapley": "float", "value_effects": "float",
     "grad_estimates": "float", "tsg_estimates": "float", "p": "float", "scores": "float",
-    "global_effects": "float",
+    "global_effects": "float", "concealment": "float",
 }
 
 
-INT_COLUMNS = ("prompt", "layer", "head", "query", "n_keys")
+INT_COLUMNS = ("prompt", "layer", "head", "query", "n_keys", "n_contributing", "n_clusters")
 BOOL_COLUMNS = ("self_repair",)
 BASE_COLUMNS = [
     "prompt", "layer", "head", "query", "keys", "contributions", "effects", "effect_sum", "effect_joint",
     "interaction", "interaction_sym", "self_repair", "shapley", "value_similarity", "value_effects",
     "value_effect_joint", "value_interaction", "grad_estimate", "tsg_estimate", "grad_estimates", "tsg_estimates",
     "p", "scores", "mass", "n_keys", "head_contribution", "metric",
+    # what r is made of and group sizes (docs/quantities.md)
+    "mass_interaction", "excess_interaction", "concealment", "concealment_share", "permutation_p", "c_ratio",
+    "value_similarity_out", "n_contributing", "n_clusters",
 ]
 
 
@@ -47,31 +51,15 @@ GLOBAL_COLUMNS = ["global_effects", "global_effect_joint", "global_effect_sum", 
                   "downstream_gap", "global_noise"]
 
 
-def _bootstrap_fraction(flag: np.ndarray, defined: np.ndarray, cluster: np.ndarray, *, n_boot: int, seed: int,
-                        thresholds_flags: Optional[np.ndarray] = None):
-    """Fraction ``sum flag / sum defined`` with a percentile bootstrap 95% interval.
+def _median(df: pd.DataFrame, col: str) -> float:
+    return float(df[col].astype(float).median()) if col in df.columns and len(df) else float("nan")
 
-    ``cluster`` ids are resampled with replacement (prompts by default). With
-    ``thresholds_flags`` [T, rows] the same resamples serve every threshold.
-    """
-    flags = flag[None] if thresholds_flags is None else thresholds_flags
-    ids, inv = np.unique(cluster, return_inverse=True)
-    C = len(ids)
-    d_c = np.bincount(inv, weights=defined.astype(float), minlength=C)
-    f_c = np.stack([np.bincount(inv, weights=(f & defined).astype(float), minlength=C) for f in flags])  # [T, C]
-    tot = d_c.sum()
-    frac = f_c.sum(1) / tot if tot > 0 else np.full(len(flags), np.nan)
-    if C == 0 or tot == 0:
-        nanv = np.full(len(flags), np.nan)
-        return frac, nanv, nanv
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(C, np.full(C, 1.0 / C), size=n_boot).astype(float)   # [n_boot, C]
-    den = draws @ d_c
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boots = (draws @ f_c.T) / den[:, None]                              # [n_boot, T]
-    lo = np.nanpercentile(boots, 2.5, axis=0)
-    hi = np.nanpercentile(boots, 97.5, axis=0)
-    return frac, lo, hi
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
+            or not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must lie strictly between 0 and 1 (e.g. 0.05); got {alpha!r}.")
+    return float(alpha)
 
 
 @dataclass
@@ -93,12 +81,41 @@ class SelfRepairResult:
 
     # ---------------------------------------------------------------- tables
 
-    def summary(self, *, n_boot: int = 2000, seed: int = 0, cluster: str = "prompt") -> pd.DataFrame:
-        """Per layer x head: rows, defined ratios, NaN count, fraction self-repairing (over defined rows)
-        with a bootstrap 95% interval, median interaction / interaction_sym (defined rows) and the median
-        value similarity of self-repairing and of other defined groups."""
+    def permutation_test(self, alpha: Optional[float] = None) -> pd.DataFrame:
+        """The permutation test's decision per group (docs/quantities.md, "Intervals"): Benjamini-Hochberg over
+        every group of this result with a defined ``permutation_p`` (``stats.benjamini_hochberg``).
+
+        Returns a frame aligned with ``groups``: ``permutation_q`` (BH-adjusted p, NaN where untested) and
+        ``permutation_flag`` (``permutation_q <= alpha``; False where untested). ``alpha``: default the
+        analysis' ``alpha`` setting (0.05). A result without ``permutation_p`` gives NaN / False."""
+        a = _check_alpha(self.settings.get("alpha", 0.05) if alpha is None else alpha)
+        g = self.groups
+        p = g["permutation_p"].to_numpy(dtype=float) if "permutation_p" in g.columns else np.full(len(g), np.nan)
+        reject, adj = benjamini_hochberg(p, alpha=a)
+        return pd.DataFrame({"permutation_q": adj, "permutation_flag": reject}, index=g.index)
+
+    def _flags(self, s: pd.DataFrame, perm: pd.DataFrame, column: str = "interaction"):
+        """0/1 flags of the permutation test (NaN where untested) for the rows of ``s``."""
+        tested = s["permutation_p"].notna().to_numpy() if "permutation_p" in s.columns else np.zeros(len(s), bool)
+        fl = perm.loc[s.index, "permutation_flag"].to_numpy(dtype=float)
+        return np.where(tested, fl, np.nan)
+
+    def summary(self, *, cluster: str = "prompt", alpha: Optional[float] = None, level: float = 0.95) -> pd.DataFrame:
+        """Per layer x head: rows, defined ratios, NaN count, the share self-repairing by the two rules, medians.
+
+        Rule 1, ``r > threshold`` (``frac_self_repair`` over the groups with a defined r, ``n_self_repair``);
+        rule 2, the permutation test (``frac_permutation`` over the groups with a defined ``permutation_p``,
+        ``n_tested``, ``n_permutation``: ``permutation_test(alpha)``, i.e. Benjamini-Hochberg over all groups of
+        the result). Each share has a ``level`` interval valid at 0 and 1 (``ci_low`` / ``ci_high``,
+        ``perm_ci_low`` / ``perm_ci_high``): ``stats.proportion_intervals``, the Wilson score interval on the
+        effective size ``n_eff`` / ``perm_n_eff`` = n / design effect of the prompt clusters
+        (``cluster="group"``: every group its own cluster). Medians over the groups with a defined r:
+        ``median_interaction``, ``median_interaction_sym``, ``median_mass_interaction``,
+        ``median_excess_interaction``, ``median_concealment_share``; ``median_value_similarity_self_repair`` /
+        ``_other``: of the self-repairing and of the other defined groups."""
         check_mode("cluster", cluster, ("prompt", "group"))
         g = self.groups
+        perm = self.permutation_test(alpha)
         pairs = [(l, h) for l in self.settings.get("layers", sorted(g["layer"].unique()))
                  for h in self.settings.get("heads", sorted(g["head"].unique()))]
         rows = []
@@ -106,27 +123,35 @@ class SelfRepairResult:
             s = g[(g["layer"] == l) & (g["head"] == h)]
             defined = s["interaction"].notna().to_numpy()
             flag = s["self_repair"].to_numpy(dtype=bool)
+            pflag = self._flags(s, perm)
             cl = s["prompt"].to_numpy() if cluster == "prompt" else np.arange(len(s))
-            frac, lo, hi = _bootstrap_fraction(flag, defined, cl, n_boot=n_boot, seed=seed)
+            o = proportion_intervals(np.stack([np.where(defined, flag, np.nan), pflag]), cl, level=level)
             sd = s[defined]
             rows.append(dict(
                 layer=l, head=h, n_groups=len(s), n_defined=int(defined.sum()), n_nan=int((~defined).sum()),
-                n_self_repair=int((flag & defined).sum()), frac_self_repair=float(frac[0]),
-                ci_low=float(lo[0]), ci_high=float(hi[0]),
-                median_interaction=float(sd["interaction"].median()) if len(sd) else float("nan"),
-                median_interaction_sym=float(sd["interaction_sym"].median()) if len(sd) else float("nan"),
-                median_value_similarity_self_repair=float(sd.loc[sd["self_repair"], "value_similarity"].median())
-                if sd["self_repair"].any() else float("nan"),
-                median_value_similarity_other=float(sd.loc[~sd["self_repair"], "value_similarity"].median())
-                if (~sd["self_repair"]).any() else float("nan"),
+                n_self_repair=int((flag & defined).sum()), frac_self_repair=float(o["share"][0]),
+                ci_low=float(o["lo"][0]), ci_high=float(o["hi"][0]), n_eff=float(o["n_eff"][0]),
+                n_tested=int(o["n"][1]), n_permutation=int(np.nansum(pflag)), frac_permutation=float(o["share"][1]),
+                perm_ci_low=float(o["lo"][1]), perm_ci_high=float(o["hi"][1]), perm_n_eff=float(o["n_eff"][1]),
+                median_interaction=_median(sd, "interaction"),
+                median_interaction_sym=_median(sd, "interaction_sym"),
+                median_mass_interaction=_median(sd, "mass_interaction"),
+                median_excess_interaction=_median(sd, "excess_interaction"),
+                median_concealment_share=_median(sd, "concealment_share"),
+                median_value_similarity_self_repair=_median(sd[sd["self_repair"]], "value_similarity"),
+                median_value_similarity_other=_median(sd[~sd["self_repair"]], "value_similarity"),
             ))
         return pd.DataFrame(rows)
 
-    def sweep(self, thresholds: Optional[Sequence[float]] = None, *, by_layer: bool = False, n_boot: int = 2000,
-              seed: int = 0, cluster: str = "prompt", column: str = "interaction") -> pd.DataFrame:
-        """Fraction of defined groups with ``column > threshold`` as a function of the threshold, with
-        bootstrap 95% intervals (the same resamples for every threshold). ``column="global_interaction"``
-        sweeps the global ratio."""
+    def sweep(self, thresholds: Optional[Sequence[float]] = None, *, by_layer: bool = False, cluster: str = "prompt",
+              column: str = "interaction", alpha: Optional[float] = None, level: float = 0.95) -> pd.DataFrame:
+        """Share of defined groups with ``column > threshold`` as a function of the threshold, each with a
+        ``level`` interval valid at 0 and 1 (``stats.proportion_intervals``: Wilson on n / design effect of the
+        prompt clusters; ``n_eff``). ``column="global_interaction"`` sweeps the global ratio.
+
+        Beside it, the same for the permutation test (``fraction_permutation``, ``perm_ci_low``,
+        ``perm_ci_high``, ``n_tested``, ``n_permutation``; ``permutation_test(alpha)``): it has no threshold, so
+        these columns repeat on every threshold's row of a scope (overall, or one layer with ``by_layer``)."""
         check_mode("cluster", cluster, ("prompt", "group"))
         if column not in self.groups.columns:
             raise ValueError(f"column {column!r} is not in the result; valid: interaction"
@@ -134,6 +159,7 @@ class SelfRepairResult:
         th = np.round(np.linspace(0.0, 1.0, 21), 10) if thresholds is None else np.asarray(thresholds, float)
         if th.ndim != 1 or len(th) == 0 or not np.isfinite(th).all():
             raise ValueError("thresholds must be a non-empty sequence of finite numbers.")
+        perm = self.permutation_test(alpha)
         parts = [(None, self.groups)] if not by_layer else [(l, self.groups[self.groups["layer"] == l])
                                                              for l in self.settings.get("layers", [])]
         out = []
@@ -143,15 +169,62 @@ class SelfRepairResult:
             with np.errstate(invalid="ignore"):
                 flags = np.stack([(r > t) & defined for t in th])
             cl = s["prompt"].to_numpy() if cluster == "prompt" else np.arange(len(s))
-            frac, lo, hi = _bootstrap_fraction(flags[0] if len(th) else defined, defined, cl, n_boot=n_boot,
-                                               seed=seed, thresholds_flags=flags)
+            pflag = self._flags(s, perm)
+            o = proportion_intervals(np.vstack([np.where(defined, flags, np.nan), pflag[None]]), cl, level=level)
             for i, t in enumerate(th):
                 row = dict(threshold=float(t), n_defined=int(defined.sum()), n_flagged=int(flags[i].sum()),
-                           fraction=float(frac[i]), ci_low=float(lo[i]), ci_high=float(hi[i]))
+                           fraction=float(o["share"][i]), ci_low=float(o["lo"][i]), ci_high=float(o["hi"][i]),
+                           n_eff=float(o["n_eff"][i]), n_tested=int(o["n"][-1]), n_permutation=int(np.nansum(pflag)),
+                           fraction_permutation=float(o["share"][-1]), perm_ci_low=float(o["lo"][-1]),
+                           perm_ci_high=float(o["hi"][-1]))
                 if by_layer:
                     row = dict(layer=int(l), **row)
                 out.append(row)
         return pd.DataFrame(out)
+
+    def group_sizes(self, *, per_head: bool = True) -> pd.DataFrame:
+        """Distribution of the group-size quantities (docs/quantities.md, "Group sizes"), per layer x head
+        (``per_head``) or over all rows: one row per ``quantity`` (``n_contributing``, ``n_clusters``,
+        ``group_size`` = keys in S) and ``value``, with ``count`` (analysed rows) and ``share`` (of the scope's
+        rows). Read ``n_contributing`` from a ``k="auto"`` result: a fixed k only analyses rows with >= k."""
+        g = self.groups
+        by = ["layer", "head"] if per_head else []
+        quantities = [q for q in ("n_contributing", "n_clusters") if q in g.columns]
+        frame = g[by + quantities].copy()
+        frame["group_size"] = [len(t) for t in g["keys"]] if len(g) else pd.Series([], dtype=np.int64)
+        out = []
+        for q in quantities + ["group_size"]:
+            cnt = frame.groupby(by + [q]).size().rename("count").reset_index().rename(columns={q: "value"})
+            tot = cnt.groupby(by)["count"].transform("sum") if by else cnt["count"].sum()
+            cnt["share"] = cnt["count"] / tot
+            cnt.insert(len(by), "quantity", q)
+            out.append(cnt)
+        cols = by + ["quantity", "value", "count", "share"]
+        res = pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+        return res.astype({"value": np.int64, "count": np.int64, "share": np.float64})
+
+    def by_group_size(self, *, per_head: bool = True) -> pd.DataFrame:
+        """r and its parts by group size (keys in S; a ``k="auto"`` result holds several sizes), per layer x
+        head (``per_head``) or over all rows: ``n_groups``, ``n_defined``, ``frac_self_repair`` (r > threshold,
+        over defined r), ``median_interaction``, ``median_mass_interaction``, ``median_excess_interaction``,
+        ``median_concealment_share`` (over defined r) and ``median_n_clusters``."""
+        g = self.groups.copy()
+        g["group_size"] = [len(t) for t in g["keys"]] if len(g) else pd.Series([], dtype=np.int64)
+        by = (["layer", "head"] if per_head else []) + ["group_size"]
+        rows = []
+        for key, s in g.groupby(by):
+            key = key if isinstance(key, tuple) else (key,)
+            d = s[s["interaction"].notna()]
+            rows.append(dict(zip(by, (int(x) for x in key)), n_groups=len(s), n_defined=len(d),
+                             frac_self_repair=float(d["self_repair"].mean()) if len(d) else float("nan"),
+                             median_interaction=_median(d, "interaction"),
+                             median_mass_interaction=_median(d, "mass_interaction"),
+                             median_excess_interaction=_median(d, "excess_interaction"),
+                             median_concealment_share=_median(d, "concealment_share"),
+                             median_n_clusters=_median(s, "n_clusters")))
+        return pd.DataFrame(rows, columns=by + ["n_groups", "n_defined", "frac_self_repair", "median_interaction",
+                                                "median_mass_interaction", "median_excess_interaction",
+                                                "median_concealment_share", "median_n_clusters"])
 
     # ---------------------------------------------------------------- the result convention
 

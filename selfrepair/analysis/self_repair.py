@@ -38,6 +38,9 @@ per key of S, largest contribution first):
   ``global_effect_sum``, ``global_interaction`` (same NaN floor as r, with the same ``w``),
   ``downstream_gap = (G_S - sum G_n) - (E_S - sum E_n)``, ``global_noise`` (the measured noise delta of
   one engine forward for the row's prompt; the global ratio is also NaN when ``|G_S| < 20 k delta``).
+- what r is made of and group sizes (docs/quantities.md): ``mass_interaction``, ``excess_interaction``,
+  ``concealment`` (per key), ``concealment_share``, ``permutation_p``, ``c_ratio``, ``value_similarity_out``,
+  ``n_contributing``, ``n_clusters``.
 
 Decisions where the definitions (docs/quantities.md) are silent (documented, tested):
 - queries analysed: every real position ``i <= `` the prompt's metric position
@@ -48,8 +51,10 @@ Decisions where the definitions (docs/quantities.md) are silent (documented, tes
   towards the "more than k unmasked keys" knockout condition);
 - ``interaction_sym`` is reported for every row (NaN only when its denominator
   is 0); summary medians use rows with a defined ``interaction`` only;
-- the summary's bootstrap resamples prompts (rows of one prompt are not
-  independent); ``cluster="group"`` resamples rows instead.
+- the summary's and sweep's intervals treat the rows of one prompt as one cluster (Wilson on n / design
+  effect, ``stats.proportion_intervals``); ``cluster="group"`` makes every row its own cluster;
+- the permutation test draws from one generator per row (``permutation_seed``), so it does not depend on
+  the batching.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -73,12 +78,13 @@ from ..engine.edits import ZEdits, measure_z_edits, prepare_clean
 from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
 from .checkpoint import BatchCheckpoint
+from .decomposition import c_ratio, concealment, mass_interaction, n_clusters, n_contributing, permutation_p, value_similarity_out
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
 from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, check_temperature, interaction_ratio,
                    row_effects, select_keys)
 
-__all__ = ["analyze_self_repair"]
+__all__ = ["analyze_self_repair", "permutation_seed", "head_output_weights"]
 
 
 # =========================================================================== closed-form row arithmetic
@@ -97,10 +103,27 @@ def _auto_batch_size(task: Task, n_layers: int, n_heads: int, d_head: int, items
 
 
 def _validate(model, task, backend, *, k, min_contribution, select, threshold, min_effect, ablation,
-              value_ablation, layers, heads, temperature, batch_size, dtype):
+              value_ablation, layers, heads, temperature, batch_size, dtype, k_max, n_permutations, seed,
+              cluster_similarity, alpha):
     validate_task(task, model)    # a Task that fits the model: ids in the vocabulary, prompts within the context
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= int(k) <= MAX_K:
-        raise ValueError(f"k must be an integer from 2 to {MAX_K} (keys per group); got {k!r}.")
+    if k != "auto" and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= int(k) <= MAX_K):
+        raise ValueError(f"k must be an integer from 2 to {MAX_K} (keys per group) or 'auto' (all contributing "
+                         f"keys, at most k_max); got {k!r}.")
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or not 2 <= int(k_max) <= MAX_K:
+        raise ValueError(f"k_max must be an integer from 2 to {MAX_K} (the largest group k='auto' analyses; exact "
+                         f"Shapley values need 2^k subsets); got {k_max!r}.")
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 1:
+        raise ValueError(f"n_permutations must be an integer >= 1 (permutations of the contributions per group, "
+                         f"e.g. 200); got {n_permutations!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0 (it seeds the permutation test); got {seed!r}.")
+    if (isinstance(cluster_similarity, bool) or not isinstance(cluster_similarity, (int, float, np.floating, np.integer))
+            or not -1.0 <= float(cluster_similarity) <= 1.0):
+        raise ValueError(f"cluster_similarity is a cosine and must lie in [-1, 1] (e.g. 0.8); got {cluster_similarity!r}.")
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer))
+            or not 0.0 < float(alpha) < 1.0):
+        raise ValueError(f"alpha must lie strictly between 0 and 1 (the false-discovery rate of the permutation "
+                         f"test, e.g. 0.05); got {alpha!r}.")
     for nm, v in (("threshold", threshold), ("min_effect", min_effect)):
         if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{nm} must be a finite number >= 0; got {v!r}.")
@@ -139,7 +162,7 @@ def analyze_self_repair(
     model,
     task: Task,
     *,
-    k: int = 2,
+    k: Union[int, str] = 2,
     min_contribution: float = 1.0,
     select: str = "positive",
     exclude_bos: Optional[bool] = False,
@@ -156,6 +179,11 @@ def analyze_self_repair(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     shard: Optional[tuple] = None,
+    k_max: int = 8,
+    n_permutations: int = 200,
+    seed: int = 0,
+    cluster_similarity: float = 0.8,
+    alpha: float = 0.05,
 ) -> SelfRepairResult:
     """Individual versus joint ablations of the k keys of largest contribution, for every row
     ``(prompt, layer, head, query)`` with at least k keys above ``min_contribution`` (docs/quantities.md, "Individual versus joint").
@@ -170,6 +198,13 @@ def analyze_self_repair(
     ``shard=(rank, world_size)``: only the batches ``i`` with ``i % world_size == rank`` (the batches of the
     whole task, so each row is computed exactly as in one process; prompt indices stay those of ``task``);
     the shards' groups concatenated and sorted are the whole result (``selfrepair.study.distributed``).
+    ``k="auto"``: each row's group is all its contributing keys (largest w first, at most ``k_max``; rows
+    with fewer than 2 are skipped), so groups of different sizes share the table (docs/quantities.md,
+    "Group sizes"). ``n_permutations`` and ``seed``: the permutation test of each group (``permutation_p``;
+    each row draws from its own generator, ``permutation_seed(seed, prompt, layer, head, query)``, so the
+    result does not depend on ``batch_size`` or on the other rows). ``cluster_similarity``: the cosine that joins two keys in
+    ``n_clusters``. ``alpha``: the false-discovery rate of the permutation test's Benjamini-Hochberg
+    correction in ``summary()`` / ``sweep()`` (docs/quantities.md, "What r is made of", "Intervals").
     Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
     """
 
@@ -177,8 +212,9 @@ def analyze_self_repair(
     layers, heads = _validate(model, task, backend, k=k, min_contribution=min_contribution, select=select,
                               threshold=threshold, min_effect=min_effect, ablation=ablation,
                               value_ablation=value_ablation, layers=layers, heads=heads, temperature=temperature,
-                              batch_size=batch_size, dtype=dtype)
-    k = int(k)
+                              batch_size=batch_size, dtype=dtype, k_max=k_max, n_permutations=n_permutations,
+                              seed=seed, cluster_similarity=cluster_similarity, alpha=alpha)
+    k = "auto" if k == "auto" else int(k)
     if exclude_bos is None:
         exclude_bos = bool((task.tokens[:, 0] == bos_id(model)).all())
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -187,7 +223,9 @@ def analyze_self_repair(
     settings = dict(k=k, min_contribution=float(min_contribution), select=select, exclude_bos=bool(exclude_bos),
                     threshold=float(threshold), min_effect=float(min_effect), ablation=ablation,
                     value_ablation=value_ablation, global_effects=bool(global_effects), layers=layers, heads=heads,
-                    temperature=float(temperature), batch_size=bs, dtype=str(dtype).replace("torch.", ""))
+                    temperature=float(temperature), batch_size=bs, dtype=str(dtype).replace("torch.", ""),
+                    k_max=int(k_max), n_permutations=int(n_permutations), seed=int(seed),
+                    cluster_similarity=float(cluster_similarity), alpha=float(alpha))
     mhash, thash = model_hash(model), task_hash(task)
     cfg = getattr(model, "cfg", None)
     meta = dict(
@@ -221,7 +259,9 @@ def analyze_self_repair(
                                             exclude_bos=bool(exclude_bos), threshold=float(threshold),
                                             min_effect=float(min_effect), ablation=ablation,
                                             value_ablation=value_ablation, global_effects=bool(global_effects),
-                                            temperature=float(temperature), dtype=dtype)
+                                            temperature=float(temperature), dtype=dtype, k_max=int(k_max),
+                                            n_permutations=int(n_permutations), seed=int(seed),
+                                            cluster_similarity=float(cluster_similarity))
                 t_local += tl
                 t_global += tg
                 if ck is not None:
@@ -248,9 +288,57 @@ def _check_shard(shard) -> tuple:
     return int(shard[0]), int(shard[1])
 
 
+def head_output_weights(model, layer: int) -> Tensor:
+    """``W_O`` of one layer, ``[n_heads, d_head, d_model]``: row block h is the part of the attention output
+    projection that reads head h (``model.blocks[l].attn.W_O`` of a TransformerLens model or bridge)."""
+    attn = model.blocks[layer].attn
+    W = getattr(attn, "W_O", None)
+    if W is None:
+        W = model.W_O[layer]
+    return W.detach()
+
+
+def _select_auto(w, keys_ok, row_ok, *, k_max: int, min_contribution: float, select: str, n_unmasked, knockout):
+    """``k="auto"``: rows with at least 2 contributing keys, each with all of them (at most ``k_max``), in
+    the order and tie rule of ``select_keys``. Returns ``[(idx [R, 3], keys [R, kk]) per group size kk]``."""
+    key = w if select == "positive" else w.abs()
+    key = key.masked_fill(~keys_ok[:, None], float("-inf"))
+    n_c = (key > min_contribution).sum(-1)                                                    # [b, h, q]
+    size = n_c.clamp_max(k_max)
+    ok = (n_c >= 2) & row_ok
+    if knockout:
+        ok = ok & (n_unmasked[:, None] > size)         # as for fixed k: a row needs more than k unmasked keys
+    out = []
+    for kk in range(2, k_max + 1):
+        idx = (ok & (size == kk)).nonzero()
+        if idx.numel() == 0:
+            continue
+        bi, hi, qi = idx.unbind(1)
+        order = torch.sort(-key[bi, hi, qi], dim=1, stable=True).indices
+        out.append((idx, order[:, :kk]))
+    return out
+
+
+def permutation_seed(seed: int, prompt: int, layer: int, head: int, query: int) -> int:
+    """The seed of one row's permutation test: ``numpy.random.SeedSequence([seed, prompt, layer, head, query])``'s
+    first 32-bit word, so a row's draws do not depend on the batching, the padding or the other rows."""
+    return int(np.random.SeedSequence([int(seed), int(prompt), int(layer), int(head), int(query)]).generate_state(1)[0])
+
+
+def _permutation_p_rows(a_r, m_r, c_r, keys, mm_r, prompts, heads, queries, lengths, layer: int, *, ablation,
+                        min_effect, n_permutations, seed, exclude_bos) -> Tensor:
+    """``permutation_p`` of the rows, each row on its own generator (``permutation_seed``) over its prompt's
+    length (``lengths`` [R]; keys beyond it are padding), all rows in one batched call."""
+    seeds = [permutation_seed(seed, p, layer, h, q) for p, h, q in zip(prompts.tolist(), heads.tolist(),
+                                                                         queries.tolist())]
+    return permutation_p(a_r, m_r, c_r, keys, mm_r, ablation=ablation, min_effect=min_effect,
+                         n_permutations=n_permutations, exclude_bos=exclude_bos, row_seeds=seeds,
+                         row_lengths=lengths.tolist())["permutation_p"]
+
+
 def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k, min_contribution, select,
                    exclude_bos, threshold, min_effect, ablation, value_ablation, global_effects, temperature,
-                   dtype):
+                   dtype, k_max=8, n_permutations=200, seed=0, cluster_similarity=0.8):
     """Rows of one batch of prompts: cached run, selection, closed-form effects (+ global effects)."""
     t0 = time.perf_counter()
     run = cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))
@@ -273,61 +361,104 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         c = torch.einsum("bqhd,bkhd->bhqk", g, v)
         w = torch.softmax(a, -1).nan_to_num(0.0) * c
         row_ok = q_ok[:, None] & head_ok[None, :, None]                                         # [b, h, q]
-        if ablation == "knockout":
-            row_ok = row_ok & (n_unmasked > k)[:, None]
-        idx, keys = select_keys(w, sel_mask, row_ok, k=k, min_contribution=min_contribution, select=select)
+        if k == "auto":
+            groups = _select_auto(w, sel_mask, row_ok, k_max=k_max, min_contribution=min_contribution,
+                                  select=select, n_unmasked=n_unmasked, knockout=ablation == "knockout")
+        else:
+            if ablation == "knockout":
+                row_ok = row_ok & (n_unmasked > k)[:, None]
+            idx, keys = select_keys(w, sel_mask, row_ok, k=k, min_contribution=min_contribution, select=select)
+            groups = [(idx, keys)] if idx.numel() else []
+        W_O = head_output_weights(model, l).to(device=dev, dtype=f64)                            # [h, d, d_model]
+        for idx, keys in groups:
+            bi, hi, qi = idx.unbind(1)
+            o = _group_rows(a, v, c, w, bi, hi, qi, keys, run.mask, sel_mask, W_O, ablation=ablation,
+                            value_ablation=value_ablation, temperature=temperature, global_effects=global_effects,
+                            min_contribution=min_contribution, select=select, exclude_bos=exclude_bos,
+                            min_effect=min_effect, cluster_similarity=cluster_similarity)
+            o["permutation_p"] = _permutation_p_rows(
+                o.pop("_a"), o.pop("_m"), o.pop("_c"), keys, o.pop("_mm"), bi + offset, hi, qi, run.lengths[bi], l,
+                ablation=ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
+                exclude_bos=exclude_bos)
+            o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
+                     metric=run.metric[bi].to(f64))
+            if global_effects:
+                edits.append((bi, hi, qi, l, o.pop("z_deltas")))                               # [R, k+1, d]
+            parts.append(o)
         del w
-        if idx.numel() == 0:
-            continue
-        bi, hi, qi = idx.unbind(1)
-        a_r = a[bi, hi, qi].to(f64)
-        c_r = c[bi, hi, qi].to(f64)
-        m_r = run.mask[bi, qi]
-        mm_r = sel_mask[bi, qi]                                    # the mean runs over the selectable keys
-        vK = v[bi[:, None], keys, hi[:, None]].to(f64)                                           # [R, k, d]
-        v_rest = None
-        if global_effects:
-            # softmax over each row's rest (unmasked keys outside S), weighted value, via a dense einsum
-            rest = m_r.clone().scatter_(1, keys, False)
-            s_rest = torch.softmax(a_r.masked_fill(~rest, float("-inf")), 1).nan_to_num(0.0)
-            step = max(1, 2 ** 21 // (n * v.shape[-1]))
-            v_rest = torch.cat([torch.einsum("rn,rnd->rd", s_rest[i:i + step],
-                                             v[bi[i:i + step], :, hi[i:i + step]].to(f64))
-                                for i in range(0, len(bi), step)])
-        R = len(bi)
-        chunk = max(1, 2 ** 22 // ((2 ** k) * (k + 2) + n))
-        res: Dict[str, List[Tensor]] = {}
-        for i in range(0, R, chunk):
-            sl = slice(i, i + chunk)
-            o = row_effects(a_r[sl], m_r[sl], c_r[sl], keys[sl], mm_r[sl], ablation=ablation,
-                             value_ablation=value_ablation, temperature=temperature, v_keys=vK[sl],
-                             v_rest=None if v_rest is None else v_rest[sl])
-            for key_, val in o.items():
-                if key_ != "subset_effects":
-                    res.setdefault(key_, []).append(val)
-        o = {key_: torch.cat(vals) for key_, vals in res.items()}
-        o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
-                 metric=run.metric[bi].to(f64))
-        if global_effects:
-            zd = o.pop("z_deltas")                                                               # [R, k+1, d]
-            edits.append((bi, hi, qi, l, zd))
-        parts.append(o)
     t_local = time.perf_counter() - t0
-    df = _to_frame(parts, min_effect, threshold)
+    frames = [_to_frame(o, min_effect, threshold) for o in parts]
     t_global = 0.0
     if global_effects:
         t1 = time.perf_counter()
-        G, noise = _global(model, task, edits, k, run.metric)                                    # [R_total, k+1]
+        Gs = _global(model, task, edits, run.metric)                                           # per edit block
         t_global = time.perf_counter() - t1
-        df = _add_global(df, G, noise, k, min_effect)
+        frames = [_add_global(df, G, noise, min_effect) for df, (G, noise) in zip(frames, Gs)]
+    frames = [f for f in frames if len(f)]
+    df = pd.concat(frames, ignore_index=True) if frames else empty_groups(global_effects)
     return df, t_local, t_global
 
 
-def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: float) -> pd.DataFrame:
-    if not parts:
-        return empty_groups(False)
-    cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, ablation, value_ablation, temperature,
+                global_effects, min_contribution, select, exclude_bos, min_effect, cluster_similarity):
+    """The closed-form quantities of R rows of one layer whose groups all have ``keys.shape[1]`` keys."""
+    f64 = torch.float64
+    n = a.shape[-1]
+    k = keys.shape[1]
+    a_r = a[bi, hi, qi].to(f64)
+    c_r = c[bi, hi, qi].to(f64)
+    m_r = mask[bi, qi]
+    mm_r = sel_mask[bi, qi]                                    # the mean runs over the selectable keys
+    vK = v[bi[:, None], keys, hi[:, None]].to(f64)                                               # [R, k, d]
+    v_rest = None
+    if global_effects:
+        # softmax over each row's rest (unmasked keys outside S), weighted value, via a dense einsum
+        rest = m_r.clone().scatter_(1, keys, False)
+        s_rest = torch.softmax(a_r.masked_fill(~rest, float("-inf")), 1).nan_to_num(0.0)
+        step = max(1, 2 ** 21 // (n * v.shape[-1]))
+        v_rest = torch.cat([torch.einsum("rn,rnd->rd", s_rest[i:i + step],
+                                         v[bi[i:i + step], :, hi[i:i + step]].to(f64))
+                            for i in range(0, len(bi), step)])
+    R = len(bi)
+    chunk = max(1, 2 ** 22 // ((2 ** k) * (k + 2) + n))
+    res: Dict[str, List[Tensor]] = {}
+    for i in range(0, R, chunk):
+        sl = slice(i, i + chunk)
+        o = row_effects(a_r[sl], m_r[sl], c_r[sl], keys[sl], mm_r[sl], ablation=ablation,
+                        value_ablation=value_ablation, temperature=temperature, v_keys=vK[sl],
+                        v_rest=None if v_rest is None else v_rest[sl])
+        for key_, val in o.items():
+            if key_ != "subset_effects":
+                res.setdefault(key_, []).append(val)
+    o = {key_: torch.cat(vals) for key_, vals in res.items()}
+    # what r is made of (docs/quantities.md, "What r is made of") and group sizes ("Group sizes")
+    o["mass_interaction"] = mass_interaction(a_r, m_r, keys, mm_r, ablation=ablation, min_effect=min_effect)
+    cc = concealment(a_r, m_r, c_r, keys, mm_r, ablation=ablation, min_effect=min_effect)
+    o["concealment"], o["concealment_share"] = cc["concealment"], cc["concealment_share"]
+    o["c_ratio"] = c_ratio(c_r.gather(1, keys))
+    w_r = w[bi, hi, qi]
+    o["n_contributing"] = n_contributing(w_r, m_r, min_contribution=min_contribution, select=select,
+                                         exclude_bos=exclude_bos)
+    key = w_r if select == "positive" else w_r.abs()
+    members = (key > min_contribution) & mm_r
+    vso = torch.full((R,), float("nan"), dtype=f64, device=a_r.device)
+    ncl = torch.zeros(R, dtype=torch.long, device=a_r.device)
+    step = max(1, 2 ** 22 // max(1, n * W_O.shape[-1]))
+    for h in torch.unique(hi).tolist():
+        rows = (hi == h).nonzero().squeeze(1)
+        vso[rows] = value_similarity_out(vK[rows], W_O[h][None])
+        for i in range(0, len(rows), step):
+            rr = rows[i:i + step]
+            out_vec = torch.einsum("rnd,dm->rnm", v[bi[rr], :, h].to(f64), W_O[h])             # [r, n, d_model]
+            ncl[rr] = n_clusters(members[rr], vectors=out_vec, cluster_similarity=cluster_similarity)
+    o["value_similarity_out"] = vso
+    o["n_clusters"] = ncl
+    o.update(_a=a_r, _m=m_r, _c=c_r, _mm=mm_r)
+    return o
 
+
+def _to_frame(cat: Dict[str, Tensor], min_effect: float, threshold: float) -> pd.DataFrame:
+    """One frame from the quantities of rows whose groups share one size."""
     def np_(x):
         return x.detach().cpu().numpy()
 
@@ -352,6 +483,13 @@ def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: floa
         "p": tup(cat["p"]), "scores": tup(cat["scores"]), "mass": np_(cat["mass"]),
         "n_keys": np_(cat["n_keys"]).astype(np.int64), "head_contribution": np_(cat["head_contribution"]),
         "metric": np_(cat["metric"]),
+        "mass_interaction": np_(cat["mass_interaction"]),
+        "excess_interaction": np_(inter - cat["mass_interaction"]),
+        "concealment": tup(cat["concealment"]), "concealment_share": np_(cat["concealment_share"]),
+        "permutation_p": np_(cat["permutation_p"]), "c_ratio": np_(cat["c_ratio"]),
+        "value_similarity_out": np_(cat["value_similarity_out"]),
+        "n_contributing": np_(cat["n_contributing"]).astype(np.int64),
+        "n_clusters": np_(cat["n_clusters"]).astype(np.int64),
     }
     df = pd.DataFrame({c: (pd.Series(data[c], dtype=object) if c in TUPLE_COLUMNS else data[c])
                        for c in BASE_COLUMNS}, columns=BASE_COLUMNS)
@@ -361,31 +499,35 @@ def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: floa
     return df
 
 
-def _global(model, task: Task, edits, k: int, metric: Tensor) -> tuple:
-    """Global effects of the individual and joint ablations of every row [rows, k+1], and the measured noise
-    of the engine's forward per row [rows]: ``|m(clean via the engine) - m(clean)|`` of the row's prompt, the
-    engine's result for a zero edit against the cached run's metric (float32 or better)."""
+def _global(model, task: Task, edits, metric: Tensor) -> List[tuple]:
+    """Global effects of the individual and joint ablations of every row, one ``(G [rows, k+1], noise [rows])``
+    per edit block; ``noise`` is the measured noise of the engine's forward per row: ``|m(clean via the
+    engine) - m(clean)|`` of the row's prompt, the engine's result for a zero edit against the cached run's
+    metric (float32 or better)."""
     if not edits:
-        return torch.zeros(0, k + 1, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    P, Hh, Q, Lr, D = [], [], [], [], []
+        return []
+    P, Hh, Q, Lr, D, sizes = [], [], [], [], [], []
     for bi, hi, qi, l, zd in edits:
-        R = len(bi)
-        P.append(bi.repeat_interleave(k + 1))
-        Hh.append(hi.repeat_interleave(k + 1))
-        Q.append(qi.repeat_interleave(k + 1))
-        Lr.append(torch.full((R * (k + 1),), l, dtype=torch.long, device=bi.device))
-        D.append(zd.reshape(R * (k + 1), 1, zd.shape[-1]))
+        R, k1 = zd.shape[0], zd.shape[1]
+        P.append(bi.repeat_interleave(k1))
+        Hh.append(hi.repeat_interleave(k1))
+        Q.append(qi.repeat_interleave(k1))
+        Lr.append(torch.full((R * k1,), l, dtype=torch.long, device=bi.device))
+        D.append(zd.reshape(R * k1, 1, zd.shape[-1]))
+        sizes.append((R, k1))
     ze = ZEdits(torch.cat(P).cpu(), torch.cat(Lr).cpu(), torch.cat(Hh).cpu(), torch.cat(Q).cpu(), torch.cat(D).cpu())
     clean = prepare_clean(model, task)
-    out = measure_z_edits(model, task, ze, progress=False, clean=clean)
+    out = measure_z_edits(model, task, ze, progress=False, clean=clean).to(torch.float64)
     delta = (clean.metric.to(torch.float64) - metric.detach().cpu().to(torch.float64)).abs()      # [prompts]
-    return out.to(torch.float64).reshape(-1, k + 1), delta[torch.cat([bi for bi, *_ in edits]).cpu()]
+    blocks = torch.split(out, [R * k1 for R, k1 in sizes])
+    return [(b.reshape(R, k1), delta[e[0].cpu()]) for b, (R, k1), e in zip(blocks, sizes, edits)]
 
 
-def _add_global(df: pd.DataFrame, G: Tensor, noise: Tensor, k: int, min_effect: float) -> pd.DataFrame:
-    # rows of df are in the order the edits were built (layer loop, then nonzero order): same as G
+def _add_global(df: pd.DataFrame, G: Tensor, noise: Tensor, min_effect: float) -> pd.DataFrame:
+    # rows of df are in the order the edits were built (nonzero order of one layer and group size): same as G
     if len(df) == 0:
         return empty_groups(True)
+    k = G.shape[1] - 1
     w = torch.tensor([list(t) for t in df["contributions"]], dtype=torch.float64).reshape(len(df), k)
     gi = interaction_ratio(G[:, :k], G[:, k], w, min_effect, noise=noise)[0].numpy()
     Gn = G[:, :k].numpy()

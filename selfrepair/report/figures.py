@@ -31,7 +31,11 @@ The figures:
    clean, after each individual ablation and after the joint one
    (:func:`attention_row_data` recomputes them from the model);
 8. :func:`plot_token_attributions` -- token attributions, grad versus GIM,
-   over one prompt (:func:`token_attribution_table` builds the table).
+   over one prompt (:func:`token_attribution_table` builds the table);
+9. what r is made of and group sizes: :func:`plot_r_vs_mass` (r against its pure-geometry part,
+   coloured by ``c_ratio``), :func:`plot_flag_rules` (share flagged by r > threshold versus by the
+   permutation test, per head), :func:`plot_group_sizes` (``n_contributing`` / ``n_clusters`` per
+   head), :func:`plot_excess_by_group_size`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from .._io import atomic_write
 from ..analysis.attention_row import attention_row_data
 from ..analysis.estimates import agreement
 from ..analysis.results import groups_of, keys_str, overall_sweep, settings_of
+from ..analysis.stats import spearman
 
 __all__ = [
     "plot_joint_vs_sum",
@@ -63,6 +68,10 @@ __all__ = [
     "plot_attention_row",
     "plot_token_attributions",
     "plot_stability",
+    "plot_r_vs_mass",
+    "plot_flag_rules",
+    "plot_group_sizes",
+    "plot_excess_by_group_size",
     "save_figure",
     "save_figures",
     "FigureExportError",
@@ -398,7 +407,7 @@ def plot_threshold_sweep(result, *, thresholds: Optional[Sequence[float]] = None
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[sw["ci_high"].to_numpy(float), sw["ci_low"].to_numpy(float)[::-1]],
                              fill="toself", fillcolor="rgba(0,114,178,0.2)", line=dict(width=0),
-                             name="95% bootstrap interval", hoverinfo="skip"))
+                             name="95% interval (Wilson, design effect)", hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=x, y=f, mode="lines+markers", name="fraction self-repairing", line=dict(color=NOT_COLOR),
                              customdata=np.c_[sw["ci_low"], sw["ci_high"], sw["n_defined"]],
                              hovertemplate="threshold %{x:.3g}: %{y:.1%} [%{customdata[0]:.1%}, %{customdata[1]:.1%}]"
@@ -701,4 +710,139 @@ def plot_stability(result) -> go.Figure:
                             f"{result.settings.get('n_variants')} variants per prompt)",
                       xaxis_title="measure", yaxis_title="Spearman / share kept", scattermode="group",
                       yaxis_range=[-1.05, 1.05])
+    return fig
+
+
+# ----------------------------------------------------------------------------- what r is made of, group sizes
+
+
+def _head_label(layer, head) -> str:
+    return f"L{int(layer)}H{int(head)}"
+
+
+def plot_r_vs_mass(result, *, threshold: Optional[float] = None) -> go.Figure:
+    """Interaction ratio r against ``mass_interaction`` (r with ``c = 1_S``: pure softmax geometry), y = x,
+    each group coloured by ``c_ratio`` (1 = equal contributions, < 0 = opposite signs). Points on the diagonal
+    are groups whose r the attention geometry alone fixes (docs/quantities.md, "What r is made of")."""
+    df = groups_of(result)
+    _require(df, ["interaction", "mass_interaction", "c_ratio"], "plot_r_vs_mass")
+    t = _threshold(result, threshold)
+    x = df["mass_interaction"].to_numpy(float)
+    y = df["interaction"].to_numpy(float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    rho = spearman(x[ok], y[ok])
+    lo, hi = _range(x[ok], y[ok])
+    hover = np.array(_hover(df, [("r", "interaction", ".3g"), ("mass_interaction", "mass_interaction", ".3g"),
+                                 ("excess", "excess_interaction", ".3g"), ("c_ratio", "c_ratio", ".2f"),
+                                 ("concealment_share", "concealment_share", ".3g"),
+                                 ("permutation_p", "permutation_p", ".3g")]), dtype=object)
+    fig = go.Figure()
+    fig.add_trace(_diag(lo, hi, name="y = x (r is all geometry)"))
+    fig.add_trace(go.Scatter(x=x[ok], y=y[ok], mode="markers", name="groups", text=hover[ok],
+                             hovertemplate="%{text}<extra></extra>",
+                             marker=dict(size=6, opacity=0.75, color=df["c_ratio"].to_numpy(float)[ok],
+                                         colorscale="RdBu", cmin=-1, cmax=1,
+                                         colorbar=dict(title="c_ratio<br>min|c|/max|c|<br>(< 0: signs differ)"))))
+    fig.add_hline(y=t, line=dict(color=SR_COLOR, dash="dot"), annotation_text=f"r = {t:g}",
+                  annotation_position="bottom right")
+    fig.add_vline(x=t, line=dict(color=NAN_COLOR, dash="dot"))
+    _base_layout(fig, "What r is made of: the interaction ratio against its pure-geometry part"
+                      f"<br><sup>{int(ok.sum())} groups with both defined; Spearman {rho:.2f}</sup>", size=(900, 650))
+    fig.update_xaxes(title="mass_interaction: r with c = 1 on S, 0 elsewhere (scores only)", range=[lo, hi])
+    fig.update_yaxes(title="interaction ratio r (the row's own contributions)", range=[lo, hi])
+    return fig
+
+
+def plot_flag_rules(result, *, threshold: Optional[float] = None, min_groups: int = 1) -> go.Figure:
+    """Per head, the share of groups flagged self-repairing by ``r > threshold`` beside the share flagged by
+    the permutation test (Benjamini-Hochberg at the analysis' alpha), each with its 95% interval (Wilson
+    with the prompts' design effect). ``result``: a SelfRepairResult or its ``summary()`` table; heads with
+    fewer than ``min_groups`` defined groups are left out."""
+    if isinstance(result, pd.DataFrame) and "frac_permutation" in result.columns:
+        hs = result
+    elif hasattr(result, "summary"):
+        hs = result.summary()
+    else:
+        raise TypeError("plot_flag_rules takes a SelfRepairResult or its summary() DataFrame")
+    _require(hs, ["layer", "head", "n_defined", "frac_self_repair", "ci_low", "ci_high", "frac_permutation",
+                  "perm_ci_low", "perm_ci_high"], "plot_flag_rules")
+    t = _threshold(result, threshold)
+    hs = hs[hs["n_defined"] >= max(1, int(min_groups))]
+    labels = [_head_label(l, h) for l, h in zip(hs["layer"], hs["head"])]
+    fig = go.Figure()
+    for col, lo, hi_, name, color in (("frac_self_repair", "ci_low", "ci_high", f"r > {t:g}", SR_COLOR),
+                                      ("frac_permutation", "perm_ci_low", "perm_ci_high",
+                                       "permutation test (BH)", NOT_COLOR)):
+        v = hs[col].to_numpy(float)
+        fig.add_trace(go.Bar(x=labels, y=v, name=name, marker_color=color,
+                             error_y=dict(type="data", symmetric=False, array=hs[hi_].to_numpy(float) - v,
+                                          arrayminus=v - hs[lo].to_numpy(float)),
+                             customdata=np.c_[hs[lo], hs[hi_], hs["n_defined"]],
+                             hovertemplate="%{x}: %{y:.1%} [%{customdata[0]:.1%}, %{customdata[1]:.1%}] of "
+                                           "%{customdata[2]} groups<extra>" + name + "</extra>"))
+    _base_layout(fig, "Self-repairing by the threshold rule versus by the permutation test, per head"
+                      "<br><sup>95% intervals: Wilson on n / design effect of the prompts</sup>",
+                 size=(max(700, 60 * len(labels) + 300), 520), barmode="group")
+    fig.update_xaxes(title="head")
+    fig.update_yaxes(title="share of groups flagged", range=[0, 1.02], tickformat=".0%")
+    return fig
+
+
+def plot_group_sizes(result) -> go.Figure:
+    """Per head, the distribution of ``n_contributing`` (keys passing the selection rule) and ``n_clusters``
+    (groups of keys with similar outputs v_j W_O) over the analysed rows, as shares (docs/quantities.md,
+    "Group sizes"). ``result``: a SelfRepairResult or its ``group_sizes()`` table."""
+    if isinstance(result, pd.DataFrame) and "quantity" in result.columns:
+        gs = result
+    elif hasattr(result, "group_sizes"):
+        gs = result.group_sizes()
+    else:
+        raise TypeError("plot_group_sizes takes a SelfRepairResult or its group_sizes() DataFrame")
+    _require(gs, ["layer", "head", "quantity", "value", "count", "share"], "plot_group_sizes")
+    qs = [q for q in ("n_contributing", "n_clusters") if (gs["quantity"] == q).any()] or ["n_contributing"]
+    fig = make_subplots(rows=len(qs), cols=1, vertical_spacing=0.18,
+                        subplot_titles=[f"{q}: share of each head's analysed rows" for q in qs])
+    for i, q in enumerate(qs, start=1):
+        d = gs[gs["quantity"] == q]
+        heads = sorted({(int(l), int(h)) for l, h in zip(d["layer"], d["head"])})
+        vals = sorted(int(v) for v in d["value"].unique()) if len(d) else []
+        z = np.full((len(vals), len(heads)), np.nan)
+        txt = [["" for _ in heads] for _ in vals]
+        for r in d.itertuples():
+            a, b = vals.index(int(r.value)), heads.index((int(r.layer), int(r.head)))
+            z[a, b] = r.share
+            txt[a][b] = f"{r.share:.0%}<br>{int(r.count)}"
+        fig.add_trace(go.Heatmap(z=z, x=[_head_label(*h) for h in heads], y=[str(v) for v in vals], zmin=0, zmax=1,
+                                 colorscale="Viridis", text=txt, texttemplate="%{text}", showscale=i == 1,
+                                 colorbar=dict(title="share"),
+                                 hovertemplate="%{x}: " + q + " = %{y}: %{z:.1%}<extra></extra>"), row=i, col=1)
+        fig.update_xaxes(title="head", row=i, col=1)
+        fig.update_yaxes(title=q, type="category", row=i, col=1)
+    _base_layout(fig, "How many keys contribute, and in how many clusters of similar outputs, per head",
+                 size=(max(800, 55 * gs[["layer", "head"]].drop_duplicates().shape[0] + 300), 380 * len(qs) + 120))
+    return fig
+
+
+def plot_excess_by_group_size(result) -> go.Figure:
+    """``excess_interaction = r - mass_interaction`` by group size (keys in S; a ``k="auto"`` result holds
+    several sizes): a box per size, with the medians of r and of ``mass_interaction`` beside it."""
+    df = groups_of(result)
+    _require(df, ["keys", "interaction", "mass_interaction", "excess_interaction"], "plot_excess_by_group_size")
+    size = np.array([len(k) for k in df["keys"]], dtype=int)
+    fig = go.Figure()
+    sizes = sorted(set(size.tolist()))
+    fig.add_trace(go.Box(x=size, y=df["excess_interaction"].to_numpy(float), name="excess_interaction",
+                         marker_color=SR_COLOR, boxpoints="outliers"))
+    for col, name, color, sym in (("interaction", "median r", NOT_COLOR, "diamond"),
+                                  ("mass_interaction", "median mass_interaction", NAN_COLOR, "square")):
+        med = [float(df.loc[size == s, col].astype(float).median()) for s in sizes]
+        fig.add_trace(go.Scatter(x=sizes, y=med, mode="lines+markers", name=name,
+                                 marker=dict(color=color, symbol=sym, size=9), line=dict(color=color, dash="dot")))
+    counts = {s: int((size == s).sum()) for s in sizes}
+    fig.add_hline(y=0, line=dict(color="black", width=1))
+    _base_layout(fig, "The part of r the geometry does not explain, by group size"
+                      "<br><sup>groups per size: " + ", ".join(f"{s}: {c}" for s, c in counts.items()) + "</sup>",
+                 size=(900, 560))
+    fig.update_xaxes(title="group size (keys in S)", dtick=1)
+    fig.update_yaxes(title="excess_interaction = r - mass_interaction (ratio units)")
     return fig

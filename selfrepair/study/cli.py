@@ -74,10 +74,19 @@ DEFAULT_ATTRIBUTION_N = 64  # prompts for the head ranking, token attributions a
 CLI_DEFAULTS = {"global_effects": True}  # the study compares local with global effects
 #: flag spellings that differ from ``--<name>``
 CLI_FLAGS = {"global_effects": ["--global", "--global-effects"]}
+#: analyze_self_repair arguments served by a study option of the same name (``--seed`` seeds the task's
+#: sampling, torch and the permutation test)
+SHARED_OPTIONS = ("seed",)
 
 #: help text per analyze_self_repair argument (the wording of docs/quantities.md)
 ANALYSIS_HELP = {
-    "k": "number of keys per group (the top-k contributors of a row), 2 to 8",
+    "k": "number of keys per group (the top-k contributors of a row), 2 to 8, or 'auto' (all contributing keys "
+         "of the row, at most --k-max)",
+    "k_max": "largest group --k auto analyses (2 to 8; exact Shapley values need 2^k subsets)",
+    "n_permutations": "permutations of the contributions per group in the permutation test (permutation_p)",
+    "cluster_similarity": "two contributing keys join one cluster (n_clusters) when the cosine of their head "
+                          "outputs v_j W_O is at least this",
+    "alpha": "false-discovery rate of the permutation test (Benjamini-Hochberg over the analysed groups)",
     "min_contribution": "a row is analysed when at least k keys have contribution w_j = p_j (g . v_j) above this "
                         "(metric units)",
     "select": "rank keys by signed contribution ('positive') or by |w_j| ('abs')",
@@ -155,6 +164,8 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     """
     g = parser.add_argument_group("analysis settings (selfrepair.analyze_self_repair's arguments, same names and defaults)")
     for p in analysis_parameters():
+        if p.name in SHARED_OPTIONS:
+            continue
         name, default = p.name, CLI_DEFAULTS.get(p.name, p.default)
         flags = list(CLI_FLAGS.get(name) or [f"--{name.replace('_', '-')}"])
         aliases = [f for f in [f"--{name.replace('_', '-')}", f"--{name}"] if f not in flags]
@@ -170,7 +181,9 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
                 g.add_argument("--no-" + f[2:], dest=name, action="store_false", default=default, help=argparse.SUPPRESS)
             continue
         choices = _choices(name)
-        if is_dtype(default):
+        if name == "k":
+            kw.update(type=_k_arg, metavar="{2..8,auto}")
+        elif is_dtype(default):
             kw.update(default=str(default).replace("torch.", ""), choices=["float32", "float64"])
         elif isinstance(default, int):
             kw["type"] = int
@@ -185,6 +198,15 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
         if choices:
             kw["choices"] = choices
         g.add_argument(*flags, *[a for a in aliases if "_" in a], **kw)
+
+
+def _k_arg(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 2 to 8 or 'auto', got {text!r}") from None
 
 
 def _flatten_lists(v):

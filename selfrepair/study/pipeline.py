@@ -22,6 +22,7 @@ from ..analysis.faithfulness import faithfulness
 from ..analysis.identity import model_hash
 from ..analysis.results import SelfRepairResult, overall_sweep, read_result_info
 from ..analysis.self_repair import analyze_self_repair
+from ..analysis.stats import spearman_interval
 from ..models.probe import probe
 from ..report import figures as plots
 from .rundir import CLIError, read_run_json, read_table, settings_hash, write_json, write_table
@@ -29,7 +30,7 @@ from .rundir import CLIError, read_run_json, read_table, settings_hash, write_js
 EXIT_ERROR = 2
 
 __all__ = ["run_study", "Study", "Timings", "make_figures", "write_figures", "headline", "format_summary",
-           "model_info", "figure_index", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS",
+           "model_info", "figure_index", "what_r_is_made_of", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS",
            "SUMMARY_THRESHOLDS"]
 
 
@@ -45,6 +46,10 @@ FIGURES = {
     "06_head_ranking": "heads ranked by measured ablation effect, beside grad and GIM",
     "07_attention_row": "one self-repairing row: attention weights clean, per ablation, joint",
     "08_token_attributions": "token attributions, grad vs GIM, over one prompt",
+    "09_r_vs_mass": "interaction ratio r vs its pure-geometry part mass_interaction, coloured by c_ratio",
+    "10_flag_rules": "per head: share self-repairing by r > threshold vs by the permutation test",
+    "11_group_sizes": "per head: distribution of n_contributing and n_clusters",
+    "12_excess_by_group_size": "excess interaction (r - mass_interaction) by group size",
 }
 
 
@@ -181,7 +186,8 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     1. ``analyze_self_repair`` with ``checkpoint_dir`` (partial results batch by
        batch; the finished result is kept in ``checkpoints/self_repair_result.parquet``),
        then ``compare_estimates`` -> ``groups`` (with ``gim_estimate``),
-       ``estimates``, ``head_summary`` (``result.summary()``), ``sweep``;
+       ``estimates``, ``head_summary`` (``result.summary()``), ``sweep``, ``group_sizes``
+       (``result.group_sizes()``), ``by_group_size`` (``result.by_group_size()``);
     2. ``head_attributions`` -> ``heads``;
     3. ``explain`` (grad, gim) and ``faithfulness`` -> ``token_attributions``, ``faithfulness``;
        (2 and 3 on the first ``attribution_n`` prompts, all when 0);
@@ -223,10 +229,10 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
             comp = compare_estimates(model, task, res, progress=progress)
         ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
         return {"groups": comp.groups, "estimates": comp.report, "head_summary": res.summary(),
-                "sweep": res.sweep(ths)}
+                "sweep": res.sweep(ths), "group_sizes": res.group_sizes(), "by_group_size": res.by_group_size()}
 
-    tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "head_summary", "sweep"],
-                            groups_stage))
+    tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "head_summary", "sweep",
+                                                                  "group_sizes", "by_group_size"], groups_stage))
     sub = task if not attribution_n or attribution_n >= len(task) else task.subset(slice(0, attribution_n))
     tabs.update(study.stage("head attributions", ["heads"], lambda: {
         "heads": head_attributions(model, sub, head_ablation=head_ablation, progress=progress)}))
@@ -267,6 +273,13 @@ def make_figures(tables: dict, settings: dict, n_layers: Optional[int] = None, n
         figs["04_threshold_sweep"] = plots.plot_threshold_sweep(tables["sweep"], threshold=t)
         if has_global:
             figs["05_local_vs_global"] = plots.plot_local_vs_global(g, threshold=t)
+        if "mass_interaction" in g.columns:
+            figs["09_r_vs_mass"] = plots.plot_r_vs_mass(g, threshold=t)
+            figs["12_excess_by_group_size"] = plots.plot_excess_by_group_size(g)
+    if len(g) and "frac_permutation" in tables.get("head_summary", {}):
+        figs["10_flag_rules"] = plots.plot_flag_rules(tables["head_summary"], threshold=t)
+    if len(g) and "group_sizes" in tables and len(tables["group_sizes"]):
+        figs["11_group_sizes"] = plots.plot_group_sizes(tables["group_sizes"])
     if "heads" in tables:
         figs["06_head_ranking"] = plots.plot_head_ranking(tables["heads"])
     if "attention_row" in tables:
@@ -332,11 +345,37 @@ def headline(tables: dict, settings: dict) -> dict:
                                             "other": float(d.loc[~sr, "value_similarity"].median())}
         if "downstream_gap" in g.columns:
             h["downstream_gap_median"] = float(g["downstream_gap"].median())
+        if "mass_interaction" in g.columns:
+            h.update(what_r_is_made_of(tables, settings))
     if "heads" in tables:
         hd = tables["heads"]
         h["head_ranking_spearman"] = {name: agreement(hd[f"{name}_estimate"], hd["measured"])["spearman"]
                                       for name in ("grad", "gim")}
     return h
+
+
+def what_r_is_made_of(tables: dict, settings: dict) -> dict:
+    """Headline numbers of docs/quantities.md "What r is made of": the share flagged by ``r > threshold`` and by
+    the permutation test (with their intervals, from the sweep table), the medians of ``mass_interaction``,
+    ``excess_interaction`` and ``concealment_share`` over the groups flagged by r, and Spearman's rho of r with
+    ``mass_interaction`` (cluster-bootstrap interval over prompts)."""
+    g = tables["groups"]
+    t = float(settings.get("threshold", 0.1))
+    out: dict[str, Any] = {}
+    sw = overall_sweep(tables["sweep"])
+    if "fraction_permutation" in sw.columns and len(sw):
+        row = sw.iloc[(sw["threshold"].astype(float) - t).abs().argsort().iloc[0]]
+        out["permutation_test"] = {"alpha": float(settings.get("alpha", 0.05)), "n_tested": int(row["n_tested"]),
+                                   "n_flagged": int(row["n_permutation"]),
+                                   "fraction": float(row["fraction_permutation"]),
+                                   "ci_low": float(row["perm_ci_low"]), "ci_high": float(row["perm_ci_high"])}
+    r = g["interaction"].to_numpy(float)
+    flagged = g[np.isfinite(r) & (r > t)]
+    out["flagged_medians"] = {c: float(flagged[c].astype(float).median()) if len(flagged) else float("nan")
+                              for c in ("mass_interaction", "excess_interaction", "concealment_share")}
+    rho, lo, hi = spearman_interval(r, g["mass_interaction"].to_numpy(float), g["prompt"].to_numpy(), seed=0)
+    out["spearman_r_vs_mass"] = {"rho": rho, "ci_low": lo, "ci_high": hi}
+    return out
 
 
 def format_summary(h: dict, context: str) -> str:
@@ -363,6 +402,19 @@ def format_summary(h: dict, context: str) -> str:
         lines.append(f"estimate vs measured {truth} joint effect: Spearman " +
                      ", ".join(f"{k} {v:.2f}" for k, v in c.items()) + "; sign agreement " +
                      ", ".join(f"{k} {v:.0%}" for k, v in signs.get(truth, {}).items()))
+    pt = h.get("permutation_test")
+    if pt:
+        lines.append(f"self-repairing by the permutation test (BH at alpha {pt['alpha']:g}): {pt['fraction']:.1%} "
+                     f"[95% CI {pt['ci_low']:.1%}, {pt['ci_high']:.1%}] of {pt['n_tested']} groups")
+    fm = h.get("flagged_medians")
+    if fm:
+        lines.append(f"groups with r > {h['threshold']:g}, medians: mass_interaction {fm['mass_interaction']:.3g}, "
+                     f"excess_interaction {fm['excess_interaction']:.3g}, concealment_share "
+                     f"{fm['concealment_share']:.3g}")
+    sm = h.get("spearman_r_vs_mass")
+    if sm:
+        lines.append(f"Spearman(r, mass_interaction): {sm['rho']:.2f} [95% CI {sm['ci_low']:.2f}, {sm['ci_high']:.2f}]"
+                     " (1 = r is the attention geometry)")
     if "downstream_gap_median" in h:
         lines.append(f"downstream gap (global - local interaction), median: {h['downstream_gap_median']:.3g}")
     if h.get("head_ranking_spearman"):
