@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: torchrun's own parser would take --n as an abbreviation of its options
 ARGS = ["analyze", "--task", "induction", "--n-prompts", "4", "--seq-len", "31", "--layers", "0", "3",
         "--min-contribution", "0.5", "--batch-size", "1", "--threads", "1", "--no-png", "--no-progress"]
-TABLES = ["groups", "estimates", "head_summary", "sweep", "heads", "token_attributions", "faithfulness",
-          "attention_row"]
+TABLES = ["groups", "estimates", "head_summary", "sweep", "group_sizes", "by_group_size", "heads",
+          "token_attributions", "faithfulness", "attention_row", "attention_rows"]
 
 
 def _env(**extra):

@@ -504,7 +504,9 @@ def cmd_analyze(args) -> int:
         raise CLIError(f"cannot write {where}: {_cause(e)}; what was done is kept in {out}: free space (or fix the "
                        f"permissions) and {then}") from e
     except BaseException:
-        if not ranks.active:  # a rank's shard checkpoints are kept for the restart
+        # under torchrun a failed rank's shard checkpoints are kept for the restart; only a refusal before any
+        # work (no run.json yet, e.g. ranks that disagree) is cleaned up, by rank 0, which owns the folder
+        if not ranks.active or (ranks.is_main and not (out / "run.json").is_file()):
             _clean_after_failure(rundir, mode)
         raise
     finally:

@@ -259,7 +259,8 @@ def merge_shards(out: Path, world_size: int) -> dict:
     res = SelfRepairResult(base if len(base) else empty_groups(bool(settings.get("global_effects"))), settings, meta)
     report, _ = estimate_report(groups, settings, top_frac=0.1)   # compare_estimates' default, as run_study
     ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
-    tables = {"groups": groups, "estimates": report, "head_summary": res.summary(), "sweep": res.sweep(ths)}
+    tables = {"groups": groups, "estimates": report, "head_summary": res.summary(), "sweep": res.sweep(ths),
+              "group_sizes": res.group_sizes(), "by_group_size": res.by_group_size()}
     for stage, names in (("head attributions", ["heads"]),
                          ("token attributions + faithfulness", ["token_attributions", "faithfulness"])):
         d = dirs[stage_owner(stage, world_size)]
@@ -332,8 +333,8 @@ def run_sharded(model, task, settings: dict, *, out: Path, head_ablation: str, a
         merged.update(merge_shards(out, ranks.world_size))
         return merged["tables"]
 
-    tabs = dict(study.stage("merge shards", ["groups", "estimates", "head_summary", "sweep", "heads",
-                                             "token_attributions", "faithfulness"], merge))
+    tabs = dict(study.stage("merge shards", ["groups", "estimates", "head_summary", "sweep", "group_sizes",
+                                             "by_group_size", "heads", "token_attributions", "faithfulness"], merge))
     res_path = out / "checkpoints" / "self_repair_result.parquet"
     if merged:
         merged["result"].to_parquet(res_path)

@@ -246,14 +246,10 @@ class _SharedLock:
 
 
 def attach_run_dir(out: Path) -> RunDir:
-    """The run folder ``out`` for a torchrun rank other than 0: created when missing, not locked (rank 0 holds
-    the lock; every rank writes only into its own ``checkpoints/shards/rank{r}-of-{W}``)."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"cannot create the run folder {out}: {_cause(e)}") from e
-    return RunDir(out, _SharedLock(), [])
+    """The run folder ``out`` for a torchrun rank other than 0: neither created nor locked here (rank 0 creates
+    and locks it; every other rank writes only into its own ``checkpoints/shards/rank{r}-of-{W}``, after
+    rank 0 has written run.json)."""
+    return RunDir(Path(out), _SharedLock(), [])
 
 
 def open_run_dir(out: Optional[Path], task_label: str) -> RunDir:
