@@ -156,8 +156,8 @@ def test_faithfulness_against_brute_force(gpt2_bridge64):
     for q in (0.1, 0.2, 0.5):
         comps, suffs, comps_rel = [], [], []
         for i in range(len(task)):
-            n_real = int(task.lengths[i])
-            cand = list(range(1, n_real))  # BOS at 0 excluded, padding excluded
+            # BOS at 0 excluded, padding, the metric position and later excluded (docs/quantities.md)
+            cand = list(range(1, int(task.positions[i])))
             k = max(1, math.ceil(q * len(cand)))
             order = sorted(cand, key=lambda j: (-float(att[i, j]), j))
             top = set(order[:k])
