@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..analysis.attention_row import attention_row_data
 from ..analysis.attribution import explain, head_attributions, token_attribution_table
 from ..analysis.estimates import agreement, compare_estimates
-from ..analysis.faithfulness import faithfulness
+from ..analysis.faithfulness import PROTOCOLS, faithfulness
 from ..analysis.identity import model_hash
 from ..analysis.results import SelfRepairResult, overall_sweep, read_result_info
 from ..analysis.self_repair import analyze_self_repair
@@ -45,6 +46,7 @@ FIGURES = {
     "06_head_ranking": "heads ranked by measured ablation effect, beside grad and GIM",
     "07_attention_row": "one self-repairing row: attention weights clean, per ablation, joint",
     "08_token_attributions": "token attributions, grad vs GIM, over one prompt",
+    "09_key_estimates": "per-key grad / TSG estimates vs Shapley values and individual effects",
 }
 
 
@@ -144,9 +146,10 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     1. ``analyze_self_repair`` with ``checkpoint_dir`` (partial results batch by
        batch; the finished result is kept in ``checkpoints/self_repair_result.parquet``),
        then ``compare_estimates`` -> ``groups`` (with ``gim_estimate``),
-       ``estimates``, ``head_summary`` (``result.summary()``), ``sweep``;
+       ``estimates``, ``estimate_keys`` (its per-key table), ``head_summary`` (``result.summary()``), ``sweep``;
     2. ``head_attributions`` -> ``heads``;
-    3. ``explain`` (grad, gim) and ``faithfulness`` -> ``token_attributions``, ``faithfulness``;
+    3. ``explain`` (grad, gim) and ``faithfulness`` under every protocol (``"default"``, ``"paper"``,
+       ``"eraser"``; one table, a ``protocol`` column) -> ``token_attributions``, ``faithfulness``;
        (2 and 3 on the first ``attribution_n`` prompts, all when 0);
     4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``.
     """
@@ -170,10 +173,12 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
         with timings("compare_estimates"):
             comp = compare_estimates(model, task, res)
         ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
-        return {"groups": comp.groups, "estimates": comp.report, "head_summary": res.summary(),
+        return {"groups": comp.groups, "estimates": comp.report, "estimate_keys": comp.keys,
+                "head_summary": res.summary(),
                 "sweep": res.sweep(ths)}
 
-    tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "head_summary", "sweep"],
+    tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "estimate_keys", "head_summary",
+                                                                  "sweep"],
                             groups_stage))
     sub = task if not attribution_n or attribution_n >= len(task) else task.subset(slice(0, attribution_n))
     tabs.update(study.stage("head attributions", ["heads"], lambda: {
@@ -182,7 +187,8 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     def tokens_stage():
         attrs = {m: explain(model, sub, method=m, progress=progress) for m in ("grad", "gim")}
         return {"token_attributions": token_attribution_table(model, sub, attrs),
-                "faithfulness": faithfulness(model, sub, attrs, progress=progress)}
+                "faithfulness": pd.concat([faithfulness(model, sub, attrs, protocol=pr, progress=progress).to_frame()
+                                           for pr in PROTOCOLS], ignore_index=True)}
 
     tabs.update(study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"], tokens_stage))
     if len(tabs["groups"]):
@@ -210,6 +216,8 @@ def make_figures(tables: dict, settings: dict, n_layers: Optional[int] = None, n
         figs["04_threshold_sweep"] = plots.plot_threshold_sweep(tables["sweep"], threshold=t)
         if has_global:
             figs["05_local_vs_global"] = plots.plot_local_vs_global(g, threshold=t)
+    if "estimate_keys" in tables and len(tables["estimate_keys"]):
+        figs["09_key_estimates"] = plots.plot_key_estimates(tables["estimate_keys"])
     if "heads" in tables:
         figs["06_head_ranking"] = plots.plot_head_ranking(tables["heads"])
     if "attention_row" in tables:
@@ -261,6 +269,13 @@ def headline(tables: dict, settings: dict) -> dict:
         rep = tables.get("estimates")
         if rep is not None and len(rep):  # compare_estimates' own statistics, all groups
             rep = rep[rep["subset"] == "all"]
+            if "split" in rep.columns:  # one row per estimate: group level, every group
+                keyrep = rep[(rep["split"] == "all") & (rep["level"] == "key")]
+                rep = rep[(rep["split"] == "all") & (rep["level"] == "group")]
+                h["spearman_key_estimates"] = {
+                    truth: {str(r.estimate): [float(r.spearman), float(r.spearman_lo), float(r.spearman_hi)]
+                            for r in keyrep[keyrep["effect"] == truth].itertuples()}
+                    for truth in ("shapley", "individual") if (keyrep["effect"] == truth).any()}
             h["spearman_estimate_vs_measured"] = {
                 truth: {str(r.estimate).replace("_estimate", ""): float(r.spearman)
                         for r in rep[rep["effect"] == truth].itertuples()}
@@ -306,6 +321,9 @@ def format_summary(h: dict, context: str) -> str:
         lines.append(f"estimate vs measured {truth} joint effect: Spearman " +
                      ", ".join(f"{k} {v:.2f}" for k, v in c.items()) + "; sign agreement " +
                      ", ".join(f"{k} {v:.0%}" for k, v in signs.get(truth, {}).items()))
+    for truth, c in (h.get("spearman_key_estimates") or {}).items():
+        lines.append(f"per-key estimate vs {truth} (Spearman [95% CI]): " +
+                     ", ".join(f"{k} {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" for k, v in c.items()))
     if "downstream_gap_median" in h:
         lines.append(f"downstream gap (global - local interaction), median: {h['downstream_gap_median']:.3g}")
     if h.get("head_ranking_spearman"):
