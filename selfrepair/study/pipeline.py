@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -16,6 +17,8 @@ import pandas as pd
 import torch
 
 from ..analysis.attention_row import attention_row_data
+from ..analysis.context import context_sweep
+from ..analysis.stability import stability
 from ..analysis.attribution import explain, head_attributions, token_attribution_table
 from ..analysis.estimates import agreement, compare_estimates
 from ..analysis.faithfulness import PROTOCOLS, faithfulness
@@ -24,13 +27,14 @@ from ..analysis.results import SelfRepairResult, overall_sweep, read_result_info
 from ..analysis.self_repair import analyze_self_repair
 from ..models.loading import DEFAULT_MODEL_DIR
 from ..models.probe import probe
+from ..tasks.tokens import get_tokenizer
 from ..report import figures as plots
 from .rundir import CLIError, read_table, write_table
 
 EXIT_ERROR = 2
 
 __all__ = ["run_study", "Study", "Timings", "make_figures", "write_figures", "headline", "format_summary",
-           "model_info", "figure_index", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS",
+           "model_info", "figure_index", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS", "CONTEXT_SETTINGS", "sweep_task_for",
            "SUMMARY_THRESHOLDS"]
 
 
@@ -47,6 +51,8 @@ FIGURES = {
     "07_attention_row": "one self-repairing row: attention weights clean, per ablation, joint",
     "08_token_attributions": "token attributions, grad vs GIM, over one prompt",
     "09_key_estimates": "per-key grad / TSG estimates vs Shapley values and individual effects",
+    "10_context_sweep": "share self-repairing, median r and estimate quality against the window length",
+    "11_stability": "stability of the conclusions under meaning-preserving edits, per edit kind",
 }
 
 
@@ -136,8 +142,19 @@ class Study:
             print(msg, file=sys.stderr, flush=True)
 
 
+#: the analysis settings a context sweep passes on to analyze_self_repair (global effects are left out: cost)
+CONTEXT_SETTINGS = ("k", "min_contribution", "threshold", "ablation", "select", "exclude_bos", "temperature",
+                    "value_ablation", "dtype", "batch_size", "min_effect")
+
+
+def sweep_task_for(model) -> str:
+    """The copy task a context sweep runs on this model: code-copy with a tokenizer, else continuation-copy."""
+    return "code-copy" if get_tokenizer(model) is not None else "continuation-copy"
+
+
 def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, attribution_n: int, seed: int,
-              progress: bool, timings: Timings) -> dict:
+              progress: bool, timings: Timings, context_lengths: Optional[list] = None,
+              with_stability: bool = False) -> dict:
     """Run every stage of the study into ``out``; returns the tables by name and the analysis meta.
 
     Stages (each writes its tables atomically; on --resume a stage whose tables
@@ -151,7 +168,11 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     3. ``explain`` (grad, gim) and ``faithfulness`` under every protocol (``"default"``, ``"paper"``,
        ``"eraser"``; one table, a ``protocol`` column) -> ``token_attributions``, ``faithfulness``;
        (2 and 3 on the first ``attribution_n`` prompts, all when 0);
-    4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``.
+    4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``;
+    5. with ``context_lengths``: ``context_sweep`` (code-copy, or continuation-copy without a tokenizer;
+       ``len(task)`` prompts per length, capped at 64) -> ``context_sweep``;
+    6. with ``with_stability``: ``stability`` on the attribution prompts -> ``stability`` (its table, with
+       ``n_impossible``, ``n_variants`` and ``task_name`` per row).
     """
 
 
@@ -196,6 +217,19 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
         g.attrs["settings"] = settings
         tabs.update(study.stage("attention row", ["attention_row"],
                                 lambda: {"attention_row": attention_row_data(model, task, g)}))
+    if context_lengths:
+        kw = {k: v for k, v in api_kwargs(settings).items() if k in CONTEXT_SETTINGS}
+        tabs.update(study.stage("context sweep", ["context_sweep"], lambda: {"context_sweep": context_sweep(
+            model, context_lengths, task=sweep_task_for(model), n=min(len(task), 64), seed=seed, **kw).to_frame()}))
+    if with_stability:
+        def stability_stage():
+            st = stability(model, sub, seed=seed, progress=progress)
+            t = st.table.copy()
+            t["n_impossible"] = t["edit"].map(st.n_impossible).fillna(0).astype(int)
+            t["n_variants"] = st.settings["n_variants"]
+            t["task_name"] = st.settings["task_name"]
+            return {"stability": t}
+        tabs.update(study.stage("stability", ["stability"], stability_stage))
     meta = read_result_info(res_path).get("meta", {}) if res_path.is_file() else {}
     return {"tables": tabs, "resumed": study.resumed, "analysis_meta": meta}
 
@@ -218,6 +252,14 @@ def make_figures(tables: dict, settings: dict, n_layers: Optional[int] = None, n
             figs["05_local_vs_global"] = plots.plot_local_vs_global(g, threshold=t)
     if "estimate_keys" in tables and len(tables["estimate_keys"]):
         figs["09_key_estimates"] = plots.plot_key_estimates(tables["estimate_keys"])
+    if "context_sweep" in tables and len(tables["context_sweep"]):
+        figs["10_context_sweep"] = plots.plot_context_sweep(tables["context_sweep"])
+    if "stability" in tables and len(tables["stability"]):
+        t = tables["stability"]
+        figs["11_stability"] = plots.plot_stability(SimpleNamespace(
+            table=t, n_impossible=dict(zip(t["edit"], t["n_impossible"])),
+            settings={"edits": list(dict.fromkeys(t["edit"])), "task_name": t["task_name"].iloc[0],
+                      "n_variants": int(t["n_variants"].iloc[0])}))
     if "heads" in tables:
         figs["06_head_ranking"] = plots.plot_head_ranking(tables["heads"])
     if "attention_row" in tables:
