@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -191,7 +192,8 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
                 kw["checkpoint_dir"] = ck
                 res = analyze_self_repair(model, task, **kw)
                 res.to_parquet(res_path)  # atomic
-        with timings("compare_estimates"):
+        with timings("compare_estimates"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # small subsets: the table's `warning` column says which
             comp = compare_estimates(model, task, res)
         ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
         return {"groups": comp.groups, "estimates": comp.report, "estimate_keys": comp.keys,
