@@ -80,3 +80,16 @@ def test_sweep_numbers_from_a_rerun(gpt2_bridge64, tmp_path):
     res.save(tmp_path / "s.parquet")
     back = ContextSweep.load(tmp_path / "s.parquet")
     assert back.equals_result(res)
+
+
+def test_context_figure_has_one_line_per_measure():
+    import pandas as pd
+
+    from selfrepair.report.figures import plot_context_sweep
+
+    t = pd.DataFrame(dict(length=[16, 32, 16, 32, 16, 32], kind=["share"] * 2 + ["median"] * 2 + ["spearman"] * 2,
+                          measure=["s", "s", "m", "m", "g", "g"], value=[0.5, 0.6, 0.3, 0.4, 0.9, 0.8],
+                          lo=[0.4, 0.5, 0.2, 0.3, 0.8, 0.7], hi=[0.6, 0.7, 0.4, 0.5, 1.0, 0.9], n=[5] * 6))
+    fig = plot_context_sweep(t)
+    assert [tr.name for tr in fig.data] == ["s", "m", "g"]
+    assert list(fig.data[1].y) == [0.3, 0.4] and list(fig.data[1].error_y.array) == pytest.approx([0.1, 0.1])

@@ -147,3 +147,16 @@ def test_small_subsets_warn_and_round_trip(gpt2_bridge64, comparison, tmp_path):
     pd.testing.assert_frame_equal(back.report, cmp.report)
     pd.testing.assert_frame_equal(back.keys, cmp.keys)
     assert back.settings == cmp.settings
+
+
+def test_key_figure_titles_carry_the_recomputed_spearman(comparison):
+    from selfrepair.report.figures import plot_key_estimates
+
+    r, cmp = comparison
+    k = _keys_by_hand(r.groups)
+    fig = plot_key_estimates(cmp.keys)
+    titles = [a.text for a in fig.layout.annotations]
+    for e, col in (("plain gradient", "grad"), ("TSG", "tsg")):
+        for t, tcol in (("Shapley value within S", "phi"), ("individual effect E_n", "E")):
+            rho = st.spearmanr(k[col], k[tcol]).statistic
+            assert any(x.startswith(f"{e} vs {t}") and f"Spearman {rho:.2f}" in x for x in titles), (e, t)

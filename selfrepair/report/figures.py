@@ -749,19 +749,21 @@ def plot_context_sweep(table: pd.DataFrame) -> go.Figure:
     panels = (("share", "share self-repairing"), ("median", "median r"), ("spearman", "Spearman vs local joint effect"))
     fig = make_subplots(rows=1, cols=3, subplot_titles=[p[1] for p in panels], horizontal_spacing=0.08)
     palette = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(dict.fromkeys(table["measure"]))}
+    ticks = sorted(set(int(x) for x in table["length"]))
     for j, (kind, _) in enumerate(panels, start=1):
         d = table[table["kind"] == kind] if "kind" in table.columns else table.iloc[0:0]
-        for c, (name, s) in enumerate(d.groupby("measure", sort=False)):
+        for name, s in d.groupby("measure", sort=False):
             s = s.sort_values("length")
             fig.add_trace(go.Scatter(
                 x=s["length"], y=s["value"], mode="lines+markers", name=str(name),
-                line=dict(color=palette[c % len(palette)]),
+                line=dict(color=colour[name]),
                 error_y=dict(type="data", symmetric=False, array=(s["hi"] - s["value"]).to_numpy(float),
                              arrayminus=(s["value"] - s["lo"]).to_numpy(float)),
                 customdata=s["n"] if "n" in s.columns else None,
                 hovertemplate="length %{x}: %{y:.3f} (n=%{customdata})<extra>" + str(name) + "</extra>"),
                 row=1, col=j)
-        fig.update_xaxes(title="window length (tokens)", type="log", row=1, col=j)
+        fig.update_xaxes(title="window length (tokens)", type="log", tickvals=ticks, row=1, col=j)
     _base_layout(fig, "Self-repair and estimate quality against context length", size=(1300, 520))
     fig.update_layout(margin=dict(t=110))
     return fig
