@@ -156,8 +156,8 @@ def test_faithfulness_against_brute_force(gpt2_bridge64):
     for q in (0.1, 0.2, 0.5):
         comps, suffs, comps_rel = [], [], []
         for i in range(len(task)):
-            n_real = int(task.lengths[i])
-            cand = list(range(1, n_real))  # BOS at 0 excluded, padding excluded
+            # BOS at 0 excluded, padding, the metric position and later excluded (docs/quantities.md)
+            cand = list(range(1, int(task.positions[i])))
             k = max(1, math.ceil(q * len(cand)))
             order = sorted(cand, key=lambda j: (-float(att[i, j]), j))
             top = set(order[:k])
@@ -367,9 +367,11 @@ def test_compare_estimates_gim_estimate_by_hand(llama_bridge64, llama_result):
         want = -sum(float(d_tsg[j] * (a_new - a[j])) for j in S)
         assert row.gim_estimate == pytest.approx(want, rel=1e-8, abs=1e-14)
     rep = cmp.report
-    assert set(rep.estimate) == {"grad_estimate", "tsg_estimate", "gim_estimate"}
-    assert set(rep.effect) == {"global", "local"}
-    one = rep[(rep.estimate == "gim_estimate") & (rep.effect == "global") & (rep.subset == "all")].iloc[0]
+    assert set(rep[rep.level == "group"].estimate) == {"grad_estimate", "tsg_estimate", "gim_estimate",
+                                                       "contribution_sum"}
+    assert set(rep[rep.level == "group"].effect) == {"global", "local"}
+    one = rep[(rep.estimate == "gim_estimate") & (rep.effect == "global") & (rep.subset == "all")
+              & (rep.split == "all")].iloc[0]
     ref = agreement(cmp.groups.gim_estimate, cmp.groups.global_effect_joint)
     assert one.spearman == pytest.approx(ref["spearman"]) and one.n == len(cmp.groups)
 
@@ -386,7 +388,7 @@ def test_compare_estimates_without_global_effects_says_so(llama_bridge64):
     task = induction_task(llama_bridge64, b=2)
     r = analyze_self_repair(llama_bridge64, task, min_contribution=0.0, progress=False)
     cmp = compare_estimates(llama_bridge64, task, r)
-    assert set(cmp.report.effect) == {"local"}
+    assert set(cmp.report[cmp.report.level == "group"].effect) == {"local"}
     assert any("global" in n for n in cmp.notes)
     with pytest.raises(ValueError, match="different task"):
         compare_estimates(llama_bridge64, induction_task(llama_bridge64, b=2, seed=5), r)
@@ -407,4 +409,6 @@ def test_shipped_model_end_to_end(default_model):
     assert len(df) == b.n_layers * b.n_heads and df[["measured", "grad_estimate", "gim_estimate"]].notna().all().all()
     r = analyze_self_repair(default_model, task, global_effects=True, progress=False)
     cmp = compare_estimates(default_model, task, r)
-    assert "gim_estimate" in cmp.groups and len(cmp.report) == 18
+    # group level: 4 estimates x 2 effects x 3 subsets x 3 c_ratio splits (no value_similarity_out column yet)
+    grp = cmp.report[(cmp.report.level == "group")]
+    assert "gim_estimate" in cmp.groups and len(grp) == 4 * 2 * 3 * len(set(grp.split))

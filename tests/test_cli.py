@@ -44,7 +44,9 @@ GROUP_COLUMNS = ["prompt", "layer", "head", "query", "keys", "contributions", "e
                  "n_contributing", "n_clusters"]
 TABLE_COLUMNS = {
     "groups": GROUP_COLUMNS,
-    "estimates": ["estimate", "effect", "subset", "spearman", "sign_agreement", "topk_overlap"],
+    "estimates": ["level", "estimate", "effect", "subset", "split", "n", "spearman", "spearman_lo", "spearman_hi",
+                  "sign_agreement", "topk_overlap", "warning"],
+    "estimate_keys": ["group", "key", "grad_key", "tsg_key", "gim_key", "w_j", "individual", "shapley"],
     "head_summary": ["layer", "head", "n_groups", "n_defined", "frac_self_repair", "ci_low", "ci_high",
                      "median_interaction", "n_tested", "frac_permutation", "perm_ci_low", "perm_ci_high"],
     "sweep": ["threshold", "fraction", "ci_low", "ci_high", "n_defined", "fraction_permutation", "perm_ci_low",
@@ -53,7 +55,7 @@ TABLE_COLUMNS = {
     "by_group_size": ["layer", "head", "group_size", "n_groups", "median_interaction", "median_mass_interaction",
                       "median_excess_interaction"],
     "heads": ["layer", "head", "measured", "grad_estimate", "gim_estimate"],
-    "faithfulness": ["method", "q", "comprehensiveness", "sufficiency", "comprehensiveness_rel", "sufficiency_rel"],
+    "faithfulness": ["protocol", "metric", "bins", "method", "q", "comprehensiveness", "sufficiency", "comprehensiveness_rel", "sufficiency_rel"],
     "token_attributions": ["prompt", "position", "token", "grad", "gim"],
     "attention_row": ["condition", "position", "token", "weight", "effect"],
     "attention_rows": ["group", "prompt", "layer", "head", "query", "keys", "tokens", "clean", "individual", "joint"],
@@ -61,7 +63,7 @@ TABLE_COLUMNS = {
 FIGURE_KINDS = ["01_joint_vs_sum", "02_estimates_local", "02_estimates_global", "03_head_heatmaps",
                 "04_threshold_sweep", "05_local_vs_global", "06_head_ranking", "07_attention_row",
                 "08_token_attributions", "09_r_vs_mass", "10_flag_rules", "11_group_sizes",
-                "12_excess_by_group_size"]
+                "12_excess_by_group_size", "13_key_estimates"]
 
 
 def _env():
@@ -212,6 +214,7 @@ def test_full_run_writes_every_file_with_content(full_run):
     h = tables["heads"]
     assert len(h) == 4 * 4  # every head of the shipped model
     assert set(tables["faithfulness"]["method"]) == {"grad", "gim", "random"}
+    assert set(tables["faithfulness"]["protocol"]) == {"default", "paper", "eraser"}
 
     s = json.loads((out / "summary.json").read_text())
     settings = s["settings"]

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: torchrun's own parser would take --n as an abbreviation of its options
 ARGS = ["analyze", "--task", "induction", "--n-prompts", "4", "--seq-len", "31", "--layers", "0", "3",
         "--min-contribution", "0.5", "--batch-size", "1", "--threads", "1", "--no-png", "--no-progress"]
-TABLES = ["groups", "estimates", "head_summary", "sweep", "group_sizes", "by_group_size", "heads",
+TABLES = ["groups", "estimates", "estimate_keys", "head_summary", "sweep", "group_sizes", "by_group_size", "heads",
           "token_attributions", "faithfulness", "attention_row", "attention_rows"]
 
 

@@ -6,6 +6,7 @@ the attention row made visible (``attention_row``), statistics (``stats``), what
 from .attention_row import attention_row_data, pick_row
 from .attribution import explain, head_attributions, token_attribution_table
 from .common import default_baseline_id
+from .context import ContextSweep, context_sweep
 from .estimates import EstimateComparison, agreement, compare_estimates
 from .faithfulness import faithfulness
 from .gim import GIMHookError, gim, norm_freeze_hooks, tsg_pattern_grad, tsg_scores_grad
@@ -20,4 +21,4 @@ __all__ = ["analyze_self_repair", "SelfRepairResult", "read_result_info", "local
            "norm_freeze_hooks", "tsg_scores_grad", "tsg_pattern_grad", "explain", "head_attributions",
            "token_attribution_table", "default_baseline_id", "compare_estimates", "EstimateComparison", "agreement",
            "faithfulness", "attention_row_data", "pick_row", "model_hash", "task_hash", "TokenAttributions",
-           "HeadAttributions", "Faithfulness", "TableResult"]
+           "HeadAttributions", "Faithfulness", "TableResult", "context_sweep", "ContextSweep"]

@@ -22,8 +22,8 @@ kind, over the prompts that have at least one variant (``n``):
 
 Intervals: percentile bootstrap (95%) over prompts: the prompts are resampled
 with replacement and every quantity is recomputed from the resampled prompts
-(their original rows and all their variants). The Spearman and bootstrap
-helpers here are private stand-ins until ``selfrepair.analysis.stats`` lands.
+(their original rows and all their variants). Spearman is ``stats.spearman``; the bootstrap
+draws prompts as ``stats.spearman_interval`` does.
 Head attributions use ``ablation="zero"`` by default so each prompt's estimate
 depends on that prompt only (``"mean"`` would average z over the batch, which
 differs between the original task and its variants). ``min_contribution``
@@ -40,12 +40,12 @@ from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from tqdm.auto import tqdm
 
 # imports of existing code (re-point here when the layout changes)
 from ..tasks.base import Task
 from ..tasks.edits import EDITS, check_edits, edit_task
+from . import stats
 from .attribution import explain, head_attributions
 from .self_repair import analyze_self_repair
 
@@ -56,19 +56,12 @@ MEASURES = ("self_repair_share", "head_attr_grad", "head_attr_gim", "token_attr_
 _TABLES = ("table", "heads", "tokens", "kept", "impossible", "variants")
 
 
-def _spearman(x, y) -> float:
-    """Spearman's rho of finite pairs; NaN with fewer than 3 pairs or a constant side."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(stats.spearmanr(x, y).statistic)
-
-
 def _bootstrap(stat, n: int, n_boot: int, seed: int) -> tuple:
-    """Percentile 95% interval of ``stat(weights)`` with ``weights`` the multiplicities of ``n`` prompts
-    resampled with replacement (NaN replicates ignored)."""
+    """Cluster bootstrap over prompts, drawn as in ``stats.spearman_interval``: draw ``b`` is row ``b`` of
+    ``np.random.default_rng(seed).integers(0, n, (n_boot, n))``, ``weights`` the prompts' multiplicities in
+    it; percentile 95% interval of ``stat(weights)`` (NaN replicates ignored). The measures here are
+    Spearman correlations of per-head aggregates (and shares / medians) recomputed from the resampled
+    prompts, not correlations of per-prompt pairs, so ``spearman_interval`` itself does not apply."""
     if n == 0 or n_boot == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -224,10 +217,10 @@ def stability(model, task: Task, *, edits: Sequence[str] = tuple(EDITS), n_varia
         ones = np.ones(n)
 
         def sr_stat(w):
-            return _spearman(share(w, sro, deo), share(w, srv, dev))
+            return stats.spearman(share(w, sro, deo), share(w, srv, dev))
 
         def att_stat(m):
-            return lambda w: _spearman(w @ atto[m], w @ attv[m])
+            return lambda w: stats.spearman(w @ atto[m], w @ attv[m])
 
         for mname, fn in (("self_repair_share", sr_stat), ("head_attr_grad", att_stat("grad")),
                           ("head_attr_gim", att_stat("gim"))):
@@ -248,7 +241,7 @@ def stability(model, task: Task, *, edits: Sequence[str] = tuple(EDITS), n_varia
             idx = np.nonzero(al >= 0)[0]
             row = dict(edit=kind, variant=vi, origin=p, n_aligned=len(idx), n_tokens=len(al))
             for m in ("grad", "gim"):
-                row[f"spearman_{m}"] = _spearman(ex0[m][p, idx], exv[m][vi, al[idx]])
+                row[f"spearman_{m}"] = stats.spearman(ex0[m][p, idx], exv[m][vi, al[idx]])
             trows.append(row)
         tk = pd.DataFrame(trows)
         toks.append(tk)

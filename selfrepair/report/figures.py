@@ -72,6 +72,8 @@ __all__ = [
     "plot_flag_rules",
     "plot_group_sizes",
     "plot_excess_by_group_size",
+    "plot_key_estimates",
+    "plot_context_sweep",
     "save_figure",
     "save_figures",
     "FigureExportError",
@@ -845,4 +847,66 @@ def plot_excess_by_group_size(result) -> go.Figure:
                  size=(900, 560))
     fig.update_xaxes(title="group size (keys in S)", dtick=1)
     fig.update_yaxes(title="excess_interaction = r - mass_interaction (ratio units)")
+
+
+def plot_key_estimates(keys: pd.DataFrame, *, estimates: Sequence[str] = ("grad_key", "tsg_key"),
+                       units: str = "logit difference") -> go.Figure:
+    """Per-key estimates (``compare_estimates(...).keys``) against each key's Shapley value and its
+    individual effect, side by side: one row per estimate (plain gradient, TSG), one column per truth;
+    Spearman and sign agreement in each panel title, points coloured by the group's self-repair flag."""
+    _require(keys, ["individual", "shapley", *estimates], "plot_key_estimates")
+    truths = (("shapley", "Shapley value within S"), ("individual", "individual effect E_n"))
+    label = {"grad_key": "plain gradient", "tsg_key": "TSG", "gim_key": "GIM", "w_j": "w_j (no gradient)"}
+    titles = []
+    for e in estimates:
+        for t, tl in truths:
+            a = _agreement(keys[e], keys[t])
+            titles.append(f"{label.get(e, e)} vs {tl}<br><sup>Spearman {a['spearman']:.2f}, "
+                          f"sign agreement {a['sign_agreement']:.0%}, {a['n']} keys</sup>")
+    fig = make_subplots(rows=len(estimates), cols=2, subplot_titles=titles, horizontal_spacing=0.09,
+                        vertical_spacing=0.14)
+    sr = keys["self_repair"].to_numpy(bool) if "self_repair" in keys.columns else np.zeros(len(keys), bool)
+    for i, e in enumerate(estimates, start=1):
+        y = keys[e].to_numpy(float)
+        for j, (t, tl) in enumerate(truths, start=1):
+            x = keys[t].to_numpy(float)
+            lo, hi = _range(x, y)
+            first = i == 1 and j == 1
+            fig.add_trace(_diag(lo, hi, showlegend=first, legendgroup="diag"), row=i, col=j)
+            hover = np.array([f"{t} {a:.4g}<br>{e} {b:.4g}" for a, b in zip(x, y)], dtype=object)
+            _add_classes(fig, x, y, hover, [(~sr, "key of a group not self-repairing", NOT_COLOR),
+                                             (sr, "key of a self-repairing group", SR_COLOR)],
+                         row=i, col=j, showlegend=first)
+            fig.update_xaxes(title=f"{tl} ({units})", row=i, col=j)
+            fig.update_yaxes(title=f"{label.get(e, e)} ({units})" if j == 1 else None, row=i, col=j)
+    _base_layout(fig, f"Per-key estimates vs Shapley values and individual effects ({len(keys)} keys)",
+                 size=(1000, 430 * len(estimates) + 80))
+    fig.update_layout(margin=dict(t=120))
+    return fig
+
+
+def plot_context_sweep(table: pd.DataFrame) -> go.Figure:
+    """``context_sweep(...).to_frame()``: per window length, the share self-repairing (with its interval),
+    the median r and the estimates' Spearman against the local joint effect (with intervals)."""
+    _require(table, ["length", "measure", "value", "lo", "hi"], "plot_context_sweep")
+    panels = (("share", "share self-repairing"), ("median", "median r"), ("spearman", "Spearman vs local joint effect"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[p[1] for p in panels], horizontal_spacing=0.08)
+    palette = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(dict.fromkeys(table["measure"]))}
+    ticks = sorted(set(int(x) for x in table["length"]))
+    for j, (kind, _) in enumerate(panels, start=1):
+        d = table[table["kind"] == kind] if "kind" in table.columns else table.iloc[0:0]
+        for name, s in d.groupby("measure", sort=False):
+            s = s.sort_values("length")
+            fig.add_trace(go.Scatter(
+                x=s["length"], y=s["value"], mode="lines+markers", name=str(name),
+                line=dict(color=colour[name]),
+                error_y=dict(type="data", symmetric=False, array=(s["hi"] - s["value"]).to_numpy(float),
+                             arrayminus=(s["value"] - s["lo"]).to_numpy(float)),
+                customdata=s["n"] if "n" in s.columns else None,
+                hovertemplate="length %{x}: %{y:.3f} (n=%{customdata})<extra>" + str(name) + "</extra>"),
+                row=1, col=j)
+        fig.update_xaxes(title="window length (tokens)", type="log", tickvals=ticks, row=1, col=j)
+    _base_layout(fig, "Self-repair and estimate quality against context length", size=(1300, 520))
+    fig.update_layout(margin=dict(t=110))
     return fig

@@ -386,6 +386,8 @@ def _cap_tokens(run: Run) -> str:
 
 def _cap_faithfulness(run: Run) -> str:
     f = run.tables["faithfulness"]
+    if "protocol" in f.columns:  # the caption reads the default protocol (the task's metric)
+        f = f[f["protocol"] == "default"]
     means = f.groupby("method")["comprehensiveness"].mean()
     if not len(means):
         return "No faithfulness rows."

@@ -50,6 +50,7 @@ from .._io import atomic_write
 from .._version import __version__ as version
 from ..analysis import rows as analysis_modes
 from ..analysis.identity import task_hash
+from ..analysis.context import MIN_LENGTH as CONTEXT_MIN_LENGTH
 from ..analysis.self_repair import analyze_self_repair
 from ..models.loading import ModelLoadError, load_model
 from ..report.page import REPORT_HELP, add_report_arguments, build_report, report_main
@@ -330,6 +331,13 @@ def _add_study_options(a: argparse.ArgumentParser) -> None:
                    help="write each figure as PNG too (needs Chrome/Chromium, found offline by kaleido)")
     o.add_argument("--figures-only", action="store_true",
                    help="redraw the figures of the finished run in --out from its tables (no analysis)")
+    o.add_argument("--context-sweep", dest="context_sweep", type=_int_list, default=None, metavar="L1,L2,...",
+                   help="also sweep the copy task over these window lengths (tokens, each at most the model's "
+                        "context; code-copy, or continuation-copy for a model without a tokenizer): "
+                        "tables/context_sweep and its figure")
+    o.add_argument("--stability", action="store_true",
+                   help="also measure stability under meaning-preserving edits on the --attribution-n prompts "
+                        "(needs the model's tokenizer): tables/stability and its figure")
 
 
 def _task_names() -> list[str]:
@@ -540,6 +548,15 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
         model = _load_model(args.model, distributed.rank_device(device, ranks))
     with timings("build task"):
         task = _build_task(model, args)
+    lengths = getattr(args, "context_sweep", None)
+    if lengths:
+        n_ctx = int(model.cfg.n_ctx)
+        too_long = [x for x in lengths if x > n_ctx]
+        if too_long or min(lengths) < CONTEXT_MIN_LENGTH:
+            raise CLIError(f"--context-sweep: window lengths must lie in [{CONTEXT_MIN_LENGTH}, {n_ctx}] (the model's "
+                           f"context); got {lengths}")
+    if getattr(args, "stability", False) and tasks.get_tokenizer(model) is None:
+        raise CLIError("--stability edits prompt text and needs the model's tokenizer; this model has none")
 
     task_info = {"name": task_label if args.prompts is None else "jsonl", "n": len(task),
                  "seq_len": int(task.tokens.shape[1]), "metric": task.metric if isinstance(task.metric, str) else "callable"}
@@ -550,6 +567,7 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
     run = {"command": "selfrepair analyze", "argv": getattr(args, "argv", None), "settings": settings, "task": task_info,
            "model": model_info(model, args.model), "seed": args.seed, "head_ablation": args.head_ablation,
            "attribution_n": min(args.attribution_n or len(task), len(task)),
+           "context_sweep": lengths or None, "stability": bool(getattr(args, "stability", False)),
            "device": device, "threads": torch.get_num_threads(), "versions": versions(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if ranks.active:  # every rank the same model, task and settings, refused before any work
@@ -581,7 +599,8 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
     else:
         res = run_study(model, task, settings, out=out, head_ablation=args.head_ablation,
                         attribution_n=args.attribution_n, seed=args.seed, progress=progress, timings=timings,
-                        resume=mode == "resume", key=key)
+                        resume=mode == "resume", key=key, context_lengths=lengths or None,
+                        with_stability=bool(getattr(args, "stability", False)))
     tables = res["tables"]
     info = run["model"]
     with timings("figures"):

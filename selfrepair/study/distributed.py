@@ -37,6 +37,7 @@ import atexit
 import datetime
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -257,9 +258,12 @@ def merge_shards(out: Path, world_size: int) -> dict:
             meta[k] = sum(p.meta[k] for p in parts)
     meta["world_size"] = world_size
     res = SelfRepairResult(base if len(base) else empty_groups(bool(settings.get("global_effects"))), settings, meta)
-    report, _ = estimate_report(groups, settings, top_frac=0.1)   # compare_estimates' default, as run_study
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # small subsets: the table's `warning` column says which
+        report, _, keys, _ = estimate_report(groups, settings)   # compare_estimates' defaults, as run_study
     ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
-    tables = {"groups": groups, "estimates": report, "head_summary": res.summary(), "sweep": res.sweep(ths),
+    tables = {"groups": groups, "estimates": report, "estimate_keys": keys, "head_summary": res.summary(),
+              "sweep": res.sweep(ths),
               "group_sizes": res.group_sizes(), "by_group_size": res.by_group_size()}
     for stage, names in (("head attributions", ["heads"]),
                          ("token attributions + faithfulness", ["token_attributions", "faithfulness"])):
@@ -333,7 +337,7 @@ def run_sharded(model, task, settings: dict, *, out: Path, head_ablation: str, a
         merged.update(merge_shards(out, ranks.world_size))
         return merged["tables"]
 
-    tabs = dict(study.stage("merge shards", ["groups", "estimates", "head_summary", "sweep", "group_sizes",
+    tabs = dict(study.stage("merge shards", ["groups", "estimates", "estimate_keys", "head_summary", "sweep", "group_sizes",
                                              "by_group_size", "heads", "token_attributions", "faithfulness"], merge))
     res_path = out / "checkpoints" / "self_repair_result.parquet"
     if merged:

@@ -8,29 +8,35 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..analysis.attention_row import attention_row_data
 from ..analysis.attention_rows import attention_rows_table
+from ..analysis.context import context_sweep
+from ..analysis.stability import stability
 from ..analysis.attribution import explain, head_attributions, token_attribution_table
 from ..analysis.estimates import agreement, compare_estimates
-from ..analysis.faithfulness import faithfulness
+from ..analysis.faithfulness import PROTOCOLS, faithfulness
 from ..analysis.identity import model_hash
 from ..analysis.results import SelfRepairResult, overall_sweep, read_result_info
 from ..analysis.self_repair import analyze_self_repair
 from ..analysis.stats import spearman_interval
 from ..models.probe import probe
+from ..tasks.tokens import get_tokenizer
 from ..report import figures as plots
 from .rundir import CLIError, read_run_json, read_table, settings_hash, write_json, write_table
 
 EXIT_ERROR = 2
 
 __all__ = ["run_study", "Study", "Timings", "make_figures", "write_figures", "headline", "format_summary",
-           "model_info", "figure_index", "what_r_is_made_of", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS",
+           "model_info", "figure_index", "what_r_is_made_of", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS", "CONTEXT_SETTINGS", "sweep_task_for",
            "SUMMARY_THRESHOLDS"]
 
 
@@ -50,6 +56,9 @@ FIGURES = {
     "10_flag_rules": "per head: share self-repairing by r > threshold vs by the permutation test",
     "11_group_sizes": "per head: distribution of n_contributing and n_clusters",
     "12_excess_by_group_size": "excess interaction (r - mass_interaction) by group size",
+    "13_key_estimates": "per-key grad / TSG estimates vs Shapley values and individual effects",
+    "14_context_sweep": "share self-repairing, median r and estimate quality against the window length",
+    "15_stability": "stability of the conclusions under meaning-preserving edits, per edit kind",
 }
 
 
@@ -176,8 +185,24 @@ class Study:
             print(msg, file=sys.stderr, flush=True)
 
 
+#: the analysis settings a context sweep passes on to analyze_self_repair (global effects are left out: cost)
+CONTEXT_SETTINGS = ("k", "min_contribution", "threshold", "ablation", "select", "exclude_bos", "temperature",
+                    "value_ablation", "dtype", "batch_size", "min_effect")
+
+
+#: random-ranking seeds per faithfulness protocol in the study: "paper" replaces tokens cumulatively (one forward
+#: per k up to half the prompt), about 10x the default's forwards per ranking, so its floor and ERASER's use one seed
+FAITHFULNESS_SEEDS = {"default": (0, 1, 2, 3, 4), "paper": (0,), "eraser": (0,)}
+
+
+def sweep_task_for(model) -> str:
+    """The copy task a context sweep runs on this model: code-copy with a tokenizer, else continuation-copy."""
+    return "code-copy" if get_tokenizer(model) is not None else "continuation-copy"
+
+
 def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, attribution_n: int, seed: int,
-              progress: bool, timings: Timings, resume: bool = False, key: Optional[dict] = None) -> dict:
+              progress: bool, timings: Timings, resume: bool = False, key: Optional[dict] = None,
+              context_lengths: Optional[list] = None, with_stability: bool = False) -> dict:
     """Run every stage of the study into ``out``; returns the tables by name and the analysis meta.
 
     Stages (each writes its tables atomically, then a stamp with the hash of ``key``, the run's identity;
@@ -186,14 +211,19 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     1. ``analyze_self_repair`` with ``checkpoint_dir`` (partial results batch by
        batch; the finished result is kept in ``checkpoints/self_repair_result.parquet``),
        then ``compare_estimates`` -> ``groups`` (with ``gim_estimate``),
-       ``estimates``, ``head_summary`` (``result.summary()``), ``sweep``, ``group_sizes``
-       (``result.group_sizes()``), ``by_group_size`` (``result.by_group_size()``);
+       ``estimates``, ``estimate_keys`` (its per-key table), ``head_summary`` (``result.summary()``), ``sweep``,
+       ``group_sizes`` (``result.group_sizes()``), ``by_group_size`` (``result.by_group_size()``);
     2. ``head_attributions`` -> ``heads``;
-    3. ``explain`` (grad, gim) and ``faithfulness`` -> ``token_attributions``, ``faithfulness``;
+    3. ``explain`` (grad, gim) and ``faithfulness`` under every protocol (``"default"``, ``"paper"``,
+       ``"eraser"``; one table, a ``protocol`` column) -> ``token_attributions``, ``faithfulness``;
        (2 and 3 on the first ``attribution_n`` prompts, all when 0);
     4. ``plots.attention_row_data`` for the figure of one self-repairing row -> ``attention_row``;
     5. ``attention_rows_table``: the pattern rows (clean, each individual ablation, joint) of up to 500
-       groups, for the report's drill-down -> ``attention_rows``.
+       groups, for the report's drill-down -> ``attention_rows``;
+    6. with ``context_lengths``: ``context_sweep`` (code-copy, or continuation-copy without a tokenizer;
+       ``len(task)`` prompts per length, capped at 64) -> ``context_sweep``;
+    7. with ``with_stability``: ``stability`` on the attribution prompts -> ``stability`` (its table, with
+       ``n_impossible``, ``n_variants`` and ``task_name`` per row).
     """
 
 
@@ -225,14 +255,16 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
                 res = analyze_self_repair(model, task, **kw)
                 res.to_parquet(res_path)  # atomic
                 study.write_stamp("self-repair analysis", res_stamp, ["self_repair_result"])
-        with timings("compare_estimates"):
+        with timings("compare_estimates"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # small subsets: the table's `warning` column says which
             comp = compare_estimates(model, task, res, progress=progress)
         ths = sorted(set(SWEEP_THRESHOLDS) | {float(settings.get("threshold", 0.1))})
-        return {"groups": comp.groups, "estimates": comp.report, "head_summary": res.summary(),
-                "sweep": res.sweep(ths), "group_sizes": res.group_sizes(), "by_group_size": res.by_group_size()}
+        return {"groups": comp.groups, "estimates": comp.report, "estimate_keys": comp.keys,
+                "head_summary": res.summary(), "sweep": res.sweep(ths), "group_sizes": res.group_sizes(),
+                "by_group_size": res.by_group_size()}
 
-    tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "head_summary", "sweep",
-                                                                  "group_sizes", "by_group_size"], groups_stage))
+    tabs = dict(study.stage("self-repair analysis + estimates", ["groups", "estimates", "estimate_keys", "head_summary",
+                                                                  "sweep", "group_sizes", "by_group_size"], groups_stage))
     sub = task if not attribution_n or attribution_n >= len(task) else task.subset(slice(0, attribution_n))
     tabs.update(study.stage("head attributions", ["heads"], lambda: {
         "heads": head_attributions(model, sub, head_ablation=head_ablation, progress=progress)}))
@@ -240,7 +272,9 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     def tokens_stage():
         attrs = {m: explain(model, sub, method=m, progress=progress) for m in ("grad", "gim")}
         return {"token_attributions": token_attribution_table(model, sub, attrs),
-                "faithfulness": faithfulness(model, sub, attrs, progress=progress)}
+                "faithfulness": pd.concat([faithfulness(model, sub, attrs, protocol=pr, progress=progress,
+                                                        seeds=FAITHFULNESS_SEEDS[pr]).to_frame()
+                                           for pr in PROTOCOLS], ignore_index=True)}
 
     tabs.update(study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"], tokens_stage))
     if len(tabs["groups"]):
@@ -250,6 +284,19 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
                                 lambda: {"attention_row": attention_row_data(model, task, g)}))
         tabs.update(study.stage("attention rows (report drill-down)", ["attention_rows"],
                                 lambda: {"attention_rows": attention_rows_table(model, task, g)}))
+    if context_lengths:
+        kw = {k: v for k, v in api_kwargs(settings).items() if k in CONTEXT_SETTINGS}
+        tabs.update(study.stage("context sweep", ["context_sweep"], lambda: {"context_sweep": context_sweep(
+            model, context_lengths, task=sweep_task_for(model), n=min(len(task), 64), seed=seed, **kw).to_frame()}))
+    if with_stability:
+        def stability_stage():
+            st = stability(model, sub, seed=seed, progress=progress)
+            t = st.table.copy()
+            t["n_impossible"] = t["edit"].map(st.n_impossible).fillna(0).astype(int)
+            t["n_variants"] = st.settings["n_variants"]
+            t["task_name"] = st.settings["task_name"]
+            return {"stability": t}
+        tabs.update(study.stage("stability", ["stability"], stability_stage))
     try:
         meta = read_result_info(res_path).get("meta", {}) if res_path.is_file() else {}
     except Exception:  # pragma: no cover - the file was just read or written whole
@@ -280,6 +327,16 @@ def make_figures(tables: dict, settings: dict, n_layers: Optional[int] = None, n
         figs["10_flag_rules"] = plots.plot_flag_rules(tables["head_summary"], threshold=t)
     if len(g) and "group_sizes" in tables and len(tables["group_sizes"]):
         figs["11_group_sizes"] = plots.plot_group_sizes(tables["group_sizes"])
+    if "estimate_keys" in tables and len(tables["estimate_keys"]):
+        figs["13_key_estimates"] = plots.plot_key_estimates(tables["estimate_keys"])
+    if "context_sweep" in tables and len(tables["context_sweep"]):
+        figs["14_context_sweep"] = plots.plot_context_sweep(tables["context_sweep"])
+    if "stability" in tables and len(tables["stability"]):
+        t = tables["stability"]
+        figs["15_stability"] = plots.plot_stability(SimpleNamespace(
+            table=t, n_impossible=dict(zip(t["edit"], t["n_impossible"])),
+            settings={"edits": list(dict.fromkeys(t["edit"])), "task_name": t["task_name"].iloc[0],
+                      "n_variants": int(t["n_variants"].iloc[0])}))
     if "heads" in tables:
         figs["06_head_ranking"] = plots.plot_head_ranking(tables["heads"])
     if "attention_row" in tables:
@@ -331,6 +388,13 @@ def headline(tables: dict, settings: dict) -> dict:
         rep = tables.get("estimates")
         if rep is not None and len(rep):  # compare_estimates' own statistics, all groups
             rep = rep[rep["subset"] == "all"]
+            if "split" in rep.columns:  # one row per estimate: group level, every group
+                keyrep = rep[(rep["split"] == "all") & (rep["level"] == "key")]
+                rep = rep[(rep["split"] == "all") & (rep["level"] == "group")]
+                h["spearman_key_estimates"] = {
+                    truth: {str(r.estimate): [float(r.spearman), float(r.spearman_lo), float(r.spearman_hi)]
+                            for r in keyrep[keyrep["effect"] == truth].itertuples()}
+                    for truth in ("shapley", "individual") if (keyrep["effect"] == truth).any()}
             h["spearman_estimate_vs_measured"] = {
                 truth: {str(r.estimate).replace("_estimate", ""): float(r.spearman)
                         for r in rep[rep["effect"] == truth].itertuples()}
@@ -415,6 +479,9 @@ def format_summary(h: dict, context: str) -> str:
     if sm:
         lines.append(f"Spearman(r, mass_interaction): {sm['rho']:.2f} [95% CI {sm['ci_low']:.2f}, {sm['ci_high']:.2f}]"
                      " (1 = r is the attention geometry)")
+    for truth, c in (h.get("spearman_key_estimates") or {}).items():
+        lines.append(f"per-key estimate vs {truth} (Spearman [95% CI]): " +
+                     ", ".join(f"{k} {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" for k, v in c.items()))
     if "downstream_gap_median" in h:
         lines.append(f"downstream gap (global - local interaction), median: {h['downstream_gap_median']:.3g}")
     if h.get("head_ranking_spearman"):
