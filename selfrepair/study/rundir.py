@@ -84,10 +84,17 @@ def write_table(tables_dir: Path, name: str, df) -> list[Path]:
 
 def read_table(tables_dir: Path, name: str):
     df = pd.read_parquet(tables_dir / f"{name}.parquet")
-    for c in df.columns:  # list columns come back as numpy arrays: make them tuples again
+    for c in df.columns:  # list columns come back as numpy arrays: make them tuples again (nested ones too)
         if df[c].dtype == object and len(df) and isinstance(df[c].iloc[0], np.ndarray):
-            df[c] = [tuple(v.tolist()) for v in df[c]]
+            df[c] = [_tuples(v) for v in df[c]]
     return df
+
+
+def _tuples(v):
+    """A (nested) numpy array of a Parquet list column as (nested) tuples of Python scalars."""
+    if isinstance(v, np.ndarray):
+        return tuple(_tuples(x) for x in v) if v.dtype == object else tuple(v.tolist())
+    return v
 
 
 def versions() -> dict:
