@@ -241,3 +241,43 @@ def test_task_longer_than_context(gpt2_bridge):
     t = Task(torch.randint(3, 100, (1, n_ctx + 1)), [5], [6])
     with pytest.raises(ValueError, match="context"):
         cached_run(gpt2_bridge, t)
+
+
+def test_values_follow_the_kv_map_the_probe_measured(llama_bridge):
+    """GQA: the cached values of query head h are hook_v's kv head ``probe(model).kv_head(h)``, read from the
+    measured map (issue 12.11), checked against hook_v captured independently."""
+    import selfrepair
+    from selfrepair.engine.cache import expand_kv
+
+    model = llama_bridge
+    b = selfrepair.probe(model)
+    assert b.n_kv_heads < b.n_heads
+    task = _task()
+    raw = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.attn.hook_v", lambda x, hook: raw.__setitem__(0, x.clone()))]):
+        model(task.tokens)
+    run = cached_run(model, task, layers=[0], backward=False, keep=("values",))
+    n = run.values[0].shape[1]
+    for h in range(b.n_heads):
+        torch.testing.assert_close(run.values[0][:, :, h], raw[0][:, :n, b.kv_head(h)].float(), rtol=0, atol=0)
+    # an explicit map is followed, and a wrong one refused
+    x = torch.arange(2 * 3 * 2 * 1, dtype=torch.float32).reshape(2, 3, 2, 1)
+    assert expand_kv(x, 4, [1, 1, 0, 0])[0, 0, :, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="kv_map"):
+        expand_kv(x, 4, [0, 2, 0, 0])
+
+
+def test_n_underflow_reaches_the_result_meta():
+    """Pattern-site backends (native bridges): the count of clamped pattern entries is in the result's meta and
+    equals the sum of CachedRun.n_underflow over the batches (issue 12.11)."""
+    from conftest import make_native_bridge
+    from selfrepair import analyze_self_repair
+
+    model = make_native_bridge(seed=1)
+    task = _task()
+    res = analyze_self_repair(model, task, min_contribution=0.0, select="abs", progress=False, batch_size=2)
+    want = 0
+    for s in range(0, len(task), 2):
+        run = cached_run(model, task.subset(slice(s, min(s + 2, len(task)))), keep=("scores",))
+        want += sum(run.n_underflow.values())
+    assert res.meta["score_site"] == "pattern" and res.meta["n_underflow"] == want

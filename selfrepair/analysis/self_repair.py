@@ -245,7 +245,7 @@ def analyze_self_repair(
         starts = starts[rank::world]
     frames: List[pd.DataFrame] = []
     t_local = t_global = 0.0
-    n_resumed = 0
+    n_resumed = n_underflow = 0
 
     bar = tqdm(total=len(starts), desc="self-repair", unit="batch", disable=not progress)
     try:
@@ -254,7 +254,7 @@ def analyze_self_repair(
             df = ck.load(s, stop) if ck is not None else None
             if df is None:
                 sub = task.subset(slice(s, stop))
-                df, tl, tg = _analyze_batch(model, backend, sub, s, layers=layers, heads=heads, k=k,
+                df, tl, tg, nu = _analyze_batch(model, backend, sub, s, layers=layers, heads=heads, k=k,
                                             min_contribution=float(min_contribution), select=select,
                                             exclude_bos=bool(exclude_bos), threshold=float(threshold),
                                             min_effect=float(min_effect), ablation=ablation,
@@ -264,6 +264,7 @@ def analyze_self_repair(
                                             cluster_similarity=float(cluster_similarity))
                 t_local += tl
                 t_global += tg
+                n_underflow += nu
                 if ck is not None:
                     ck.save(s, stop, df)
             else:
@@ -276,7 +277,10 @@ def analyze_self_repair(
     nonempty = [f for f in frames if len(f)]
     groups = pd.concat(nonempty, ignore_index=True) if nonempty else empty_groups(global_effects)
     groups = groups.sort_values(["prompt", "layer", "head", "query"], kind="stable").reset_index(drop=True)
-    meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed)
+    # n_underflow: unmasked pattern entries that underflowed to 0 on a pattern-site backend (log p clamped to the
+    # log of the dtype's smallest positive number), over the batches computed here (not the resumed ones)
+    meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed,
+                n_underflow=int(n_underflow))
     return SelfRepairResult(groups, settings, meta)
 
 
@@ -396,7 +400,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         frames = [_add_global(df, G, noise, min_effect) for df, (G, noise) in zip(frames, Gs)]
     frames = [f for f in frames if len(f)]
     df = pd.concat(frames, ignore_index=True) if frames else empty_groups(global_effects)
-    return df, t_local, t_global
+    return df, t_local, t_global, int(sum(run.n_underflow.values()))
 
 
 def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, ablation, value_ablation, temperature,

@@ -88,9 +88,19 @@ def key_mask(task: Task, n: Optional[int] = None) -> Bool[Tensor, "batch qpos kp
     return causal[None] & pad[:, None, :]
 
 
-def expand_kv(x: Float[Tensor, "batch pos kv_head d_head"], n_heads: int) -> Float[Tensor, "batch pos head d_head"]:
-    """Expand kv heads to query heads: query head ``h`` reads kv head ``h // (n_heads // n_kv)``."""
+def expand_kv(x: Float[Tensor, "batch pos kv_head d_head"], n_heads: int,
+              kv_map: Optional[Sequence[int]] = None) -> Float[Tensor, "batch pos head d_head"]:
+    """Expand kv heads to query heads: query head ``h`` reads kv head ``kv_map[h]`` (the map the probe measured
+    with its z = p @ v check, ``Backend.kv_head``); without a map, ``h // (n_heads // n_kv)``."""
     n_kv = x.shape[2]
+    if kv_map is not None:
+        kv_map = [int(j) for j in kv_map]
+        if len(kv_map) != n_heads or not all(0 <= j < n_kv for j in kv_map):
+            raise ValueError(f"kv_map must give one kv head in 0..{n_kv - 1} for each of the {n_heads} query heads; "
+                             f"got {kv_map}.")
+        if kv_map == list(range(n_heads)):
+            return x
+        return x[:, :, torch.tensor(kv_map, device=x.device)]
     if n_kv == n_heads:
         return x
     if n_heads % n_kv:
@@ -223,7 +233,8 @@ def cached_run(
         del logits, m
 
     scores, pattern, values, zd, gz = _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev,
-                                                 tiny_log, n_heads, dtype, n_underflow)
+                                                 tiny_log, n_heads, dtype, n_underflow,
+                                                 kv_map=[backend.kv_head(h) for h in range(n_heads)])
     raw.clear()
     z_live.clear()
 
@@ -233,7 +244,8 @@ def cached_run(
         n_heads=n_heads, n_kv_heads=backend.n_kv_heads, n_underflow=n_underflow)
 
 
-def _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev, tiny_log, n_heads, dtype, n_underflow):
+def _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev, tiny_log, n_heads, dtype, n_underflow,
+               kv_map=None):
     """What the hooks saved, per layer: scores (-inf at masked keys; log p on pattern sites), pattern,
     values expanded to query heads, z and dm/dz, cast to ``dtype``."""
     backward = grads is not None
@@ -265,7 +277,7 @@ def _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev, t
         if "values" in keep:
             if l not in raw["values"]:
                 raise RuntimeError(f"hook_v did not fire at layer {l}.")
-            values[l] = expand_kv(raw["values"][l], n_heads)
+            values[l] = expand_kv(raw["values"][l], n_heads, kv_map)
         if "z" in keep:
             zd[l] = cast(z_live[l])
         if backward:

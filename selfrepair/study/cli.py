@@ -636,6 +636,9 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
                f"{settings.get('ablation')} ablation, {timings.wall['total']:.0f} s "
                f"({timings.cpu['total']:.0f} s of CPU)")
     print(format_summary(h, context))
+    am = res.get("analysis_meta") or {}
+    if am.get("score_site") == "pattern" and am.get("n_underflow") is not None:
+        print(f"pattern entries that underflowed to 0 (scores read as log p, clamped): {am['n_underflow']}")
     print(f"wrote {len(summary['files'])} files to {out} (tables/, figures/, summary.json"
           f"{', report.html' if 'report.html' in summary['files'] else ''})")
     return 0
