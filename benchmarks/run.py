@@ -219,7 +219,7 @@ def default_model_exists() -> bool:
     return (DEFAULT_MODEL_DIR / "config.json").is_file()
 
 
-def build_model(spec: str, device: str, seed: int = 0):
+def build_model(spec: str, device: str, seed: int = 0, n_ctx: Optional[int] = None):
     """``(model, info)``. ``spec``: "default" (the shipped model; its random-weight twin if it is not there yet),
     "default-random", "gpt2-small" (built from configs, random weights, seeded), or anything
     ``selfrepair.load_model`` takes (a checkpoint directory, a llama2.c ``.bin``)."""
@@ -234,7 +234,8 @@ def build_model(spec: str, device: str, seed: int = 0):
         spec = "default-random"
     if spec in SHAPES:
         torch.manual_seed(seed)
-        cfg = transformers.GPT2Config(**SHAPES[spec], bos_token_id=0, eos_token_id=0)
+        shape = dict(SHAPES[spec], **({} if n_ctx is None else dict(n_positions=int(n_ctx))))
+        cfg = transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0)
         model = selfrepair.load_model(cfg, device=device, dtype=torch.float32)
         random_weights = True
     else:
@@ -626,6 +627,70 @@ def bench_local(args, device: str, jobs: List[tuple]) -> List[dict]:
     return rows
 
 
+def stream_worker(spec: dict) -> dict:
+    """Runs in its own process: at one length, one plain forward + backward of the metric through the bridge
+    (``fwd_bwd``) against ``analyze_self_repair`` (min_contribution=0, select="abs"), in the order fwd_bwd,
+    analysis, fwd_bwd; time (the analysis against the mean of the two fwd_bwd) and peak memory growth of each."""
+    quiet()
+    torch.set_num_threads(spec["threads"])
+    from selfrepair import analyze_self_repair
+
+    device = spec["device"]
+    T = int(spec["seq_len"])
+    model, info = build_model("gpt2-small", device, seed=spec["seed"], n_ctx=max(1024, T))
+    warm = random_task(model, 1, 32, seed=spec["seed"] + 1)
+    analyze_self_repair(model, warm, k=spec["k"], min_contribution=0.0, select="abs", progress=False)
+    fwd_bwd(model, warm, nullcontext)
+    task = random_task(model, 1, T, seed=spec["seed"])
+
+    def measure(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        rss0, how = reset_peak_rss()
+        t0 = time.perf_counter()
+        r = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        mem = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda"
+               else (peak_rss_kib(how) - rss0) / 1024.0)
+        return dt, mem, r
+
+    fb = [measure(lambda: fwd_bwd(model, task, nullcontext))]
+    ta, ma, res = measure(lambda: analyze_self_repair(model, task, k=spec["k"], min_contribution=0.0, select="abs",
+                                                      progress=False))
+    fb.append(measure(lambda: fwd_bwd(model, task, nullcontext)))
+    t_fb = statistics.mean(x[0] for x in fb)
+    m_fb = max(x[1] for x in fb)
+    return dict(model="gpt2-small", n_ctx=int(model.cfg.n_ctx), seq_len=T, prompts=1, analysis_seconds=ta,
+                fwd_bwd_seconds=t_fb, analysis_peak_mib=ma, fwd_bwd_peak_mib=m_fb,
+                analysis_vs_fwd_bwd_time=ta / t_fb, analysis_vs_fwd_bwd_memory=ma / max(m_fb, 1e-9),
+                rows_selected=len(res.groups), streamed=bool(res.meta.get("streamed_batches", 0)))
+
+
+def bench_stream(args, device: str) -> List[dict]:
+    rows = []
+    for T in args.stream_lengths:
+        spec = dict(seq_len=T, device=device, threads=args.threads, seed=args.seed, k=args.k)
+        log(f"[stream] gpt2-small 1 x {T} tokens (subprocess)")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_stream-worker", json.dumps(spec)]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not line:
+            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+            rows.append(dict(model="gpt2-small", prompts=1, seq_len=T, error=" | ".join(tail)))
+            log(f"[stream]   failed: {rows[-1]['error']}")
+            continue
+        r = json.loads(line[-1])
+        rows.append(r)
+        log(f"[stream]   analysis {r['analysis_seconds']:.1f} s / fwd+bwd {r['fwd_bwd_seconds']:.1f} s = "
+            f"{r['analysis_vs_fwd_bwd_time']:.2f}x; memory +{r['analysis_peak_mib']:.0f} / +{r['fwd_bwd_peak_mib']:.0f} MiB"
+            f" = {r['analysis_vs_fwd_bwd_memory']:.2f}x")
+    return rows
+
+
 # =========================================================================== 3. GIM cost
 
 
@@ -781,7 +846,10 @@ def parse(argv=None):
                    help="GIM: repeat calls so that one timing sample lasts at least this many seconds (0.5)")
     s.add_argument("--gim-components", action="store_true",
                    help="GIM: time each component alone at every length (by default only where the overhead > 1.2)")
+    s.add_argument("--stream-lengths", default=None,
+                   help="GPT-2-small lengths of the analysis-vs-forward+backward section (1024,2048,4096)")
     ap.add_argument("--_local-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_stream-worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     cuda = a.device == "cuda"
@@ -793,7 +861,7 @@ def parse(argv=None):
         local_lengths="64" if q else "128,256", local_prompts=2 if q else (16 if cuda else 8),
         gpt2_lengths="" if q else "128,256,512,1024", gim_lengths="32,64" if q else "64,128,256",
         gim_prompts=2 if q else 8, gim_gpt2_lengths="" if q else "128,512", gim_rounds=3 if q else 5,
-        min_sample=0.05 if q else 0.5,
+        min_sample=0.05 if q else 0.5, stream_lengths="64" if q else "1024,2048,4096",
     )
     for key, v in dflt.items():
         if getattr(a, key) is None:
@@ -801,10 +869,11 @@ def parse(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     a.local_lengths, a.gpt2_lengths = ints(a.local_lengths), ints(a.gpt2_lengths)
     a.gim_lengths, a.gim_gpt2_lengths = ints(a.gim_lengths), ints(a.gim_gpt2_lengths)
+    a.stream_lengths = ints(a.stream_lengths)
     a.skip = {x.strip() for x in a.skip.split(",") if x.strip()}
-    bad = a.skip - {"global", "local", "gim"}
+    bad = a.skip - {"global", "local", "gim", "stream"}
     if bad:
-        ap.error(f"--skip: unknown sections {sorted(bad)}; valid: global, local, gim")
+        ap.error(f"--skip: unknown sections {sorted(bad)}; valid: global, local, gim, stream")
     if a.threads < 1:
         ap.error("--threads must be >= 1")
     return a
@@ -888,6 +957,9 @@ def main(argv=None) -> int:
     a = parse(argv)
     if a._local_worker:
         print(json.dumps(local_worker(json.loads(a._local_worker))))
+        return 0
+    if a._stream_worker:
+        print(json.dumps(stream_worker(json.loads(a._stream_worker))))
         return 0
     if a.device == "cuda" and not torch.cuda.is_available():
         print(f"error: --device cuda, but CUDA is not available here (torch {torch.__version__}, "

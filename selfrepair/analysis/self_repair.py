@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
@@ -67,7 +68,7 @@ from tqdm.auto import tqdm
 
 from .._devices import model_dtype
 from .._typing import Tensor
-from ..engine.cache import cached_run, check_backend
+from ..engine.cache import StreamedRun, StreamMismatch, cached_run, can_stream, check_backend, streamed_run
 from ..engine.edits import ZEdits, measure_z_edits
 from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
@@ -200,7 +201,7 @@ def analyze_self_repair(
     starts = list(range(0, len(task), bs))
     frames: List[pd.DataFrame] = []
     t_local = t_global = 0.0
-    n_resumed = 0
+    n_resumed = n_underflow = n_streamed = 0
 
     bar = tqdm(total=len(starts), desc="self-repair", unit="batch", disable=not progress)
     try:
@@ -209,7 +210,7 @@ def analyze_self_repair(
             df = ck.load(s, stop) if ck is not None else None
             if df is None:
                 sub = task.subset(slice(s, stop))
-                df, tl, tg = _analyze_batch(model, backend, sub, s, layers=layers, heads=heads, k=k,
+                df, tl, tg, nu = _analyze_batch(model, backend, sub, s, layers=layers, heads=heads, k=k,
                                             min_contribution=float(min_contribution), select=select,
                                             exclude_bos=bool(exclude_bos), threshold=float(threshold),
                                             min_effect=float(min_effect), ablation=ablation,
@@ -217,6 +218,8 @@ def analyze_self_repair(
                                             temperature=float(temperature), dtype=dtype)
                 t_local += tl
                 t_global += tg
+                n_underflow += nu["n_underflow"]
+                n_streamed += nu["streamed"]
                 if ck is not None:
                     ck.save(s, stop, df)
             else:
@@ -229,7 +232,10 @@ def analyze_self_repair(
     nonempty = [f for f in frames if len(f)]
     groups = pd.concat(nonempty, ignore_index=True) if nonempty else empty_groups(global_effects)
     groups = groups.sort_values(["prompt", "layer", "head", "query"], kind="stable").reset_index(drop=True)
-    meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed)
+    # n_underflow: unmasked pattern entries that underflowed to 0 and were clamped to the dtype's smallest
+    # log on a pattern-site backend (docs/quantities.md, "Notation"), over the batches computed in this call
+    meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed,
+                n_underflow=int(n_underflow), streamed_batches=int(n_streamed))
     return SelfRepairResult(groups, settings, meta)
 
 
@@ -238,7 +244,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
                    dtype):
     """Rows of one batch of prompts: cached run, selection, closed-form effects (+ global effects)."""
     t0 = time.perf_counter()
-    run = cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))
+    run = _batch_run(model, task, backend, layers, dtype)
     dev = run.metric.device
     n = run.mask.shape[1]
     f64 = torch.float64
@@ -251,36 +257,39 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         sel_mask[:, :, 0] = False
     n_unmasked = run.mask.sum(-1)                                                                # [b, q]
     parts, edits = [], []
-    for l in layers:
-        a = run.scores[l]                                                                        # [b, h, q, k]
-        v = run.values[l]                                                                        # [b, k, h, d]
-        g = run.grad_z[l]                                                                        # [b, q, h, d]
+    for l, q0, a in _score_blocks(run, layers):                                                  # a [b, h, qb, nk]
+        nk = a.shape[-1]
+        qb = slice(q0, q0 + a.shape[2])
+        v = run.values[l][:, :nk]                                                                # [b, k, h, d]
+        g = run.grad_z[l][:, qb]                                                                 # [b, qb, h, d]
         c = torch.einsum("bqhd,bkhd->bhqk", g, v)
         w = torch.softmax(a, -1).nan_to_num(0.0) * c
-        row_ok = q_ok[:, None] & head_ok[None, :, None]                                         # [b, h, q]
+        row_ok = q_ok[:, None, qb] & head_ok[None, :, None]                                     # [b, h, qb]
         if ablation == "knockout":
-            row_ok = row_ok & (n_unmasked > k)[:, None]
-        idx, keys = select_keys(w, sel_mask, row_ok, k=k, min_contribution=min_contribution, select=select)
+            row_ok = row_ok & (n_unmasked[:, qb] > k)[:, None]
+        idx, keys = select_keys(w, sel_mask[:, qb, :nk], row_ok, k=k, min_contribution=min_contribution,
+                                select=select)
         del w
         if idx.numel() == 0:
             continue
         bi, hi, qi = idx.unbind(1)
         a_r = a[bi, hi, qi].to(f64)
         c_r = c[bi, hi, qi].to(f64)
-        m_r = run.mask[bi, qi]
-        mm_r = sel_mask[bi, qi]                                    # the mean runs over the selectable keys
+        qi = qi + q0                                                                             # query position
+        m_r = run.mask[bi, qi, :nk]
+        mm_r = sel_mask[bi, qi, :nk]                               # the mean runs over the selectable keys
         vK = v[bi[:, None], keys, hi[:, None]].to(f64)                                           # [R, k, d]
         v_rest = None
         if global_effects:
             # softmax over each row's rest (unmasked keys outside S), weighted value, via a dense einsum
             rest = m_r.clone().scatter_(1, keys, False)
             s_rest = torch.softmax(a_r.masked_fill(~rest, float("-inf")), 1).nan_to_num(0.0)
-            step = max(1, 2 ** 21 // (n * v.shape[-1]))
+            step = max(1, 2 ** 21 // (nk * v.shape[-1]))
             v_rest = torch.cat([torch.einsum("rn,rnd->rd", s_rest[i:i + step],
                                              v[bi[i:i + step], :, hi[i:i + step]].to(f64))
                                 for i in range(0, len(bi), step)])
         R = len(bi)
-        chunk = max(1, 2 ** 22 // ((2 ** k) * (k + 2) + n))
+        chunk = max(1, 2 ** 22 // ((2 ** k) * (k + 2) + nk))
         res: Dict[str, List[Tensor]] = {}
         for i in range(0, R, chunk):
             sl = slice(i, i + chunk)
@@ -297,6 +306,8 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
             zd = o.pop("z_deltas")                                                               # [R, k+1, d]
             edits.append((bi, hi, qi, l, zd))
         parts.append(o)
+    stats = dict(n_underflow=int(sum(run.n_underflow.values())), streamed=int(isinstance(run, StreamedRun)))
+    del run
     t_local = time.perf_counter() - t0
     df = _to_frame(parts, min_effect, threshold)
     t_global = 0.0
@@ -305,7 +316,26 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         G = _global(model, task, edits, k)                                                       # [R_total, k+1]
         t_global = time.perf_counter() - t1
         df = _add_global(df, G, k, min_effect)
-    return df, t_local, t_global
+    return df, t_local, t_global, stats
+
+
+def _batch_run(model, task: Task, backend, layers, dtype):
+    """The activations of one batch: streamed (``engine.streamed_run``: no layer's ``[head, q, k]`` scores kept,
+    recomputed from q and k per block of queries) where the backend has a live scores site whose q / k hooks
+    reproduce it; today's ``cached_run`` otherwise (pattern-site backends, or a recomputation that fails its check)."""
+    if can_stream(backend):
+        try:
+            return streamed_run(model, task, layers=layers, dtype=dtype, backend=backend)
+        except StreamMismatch as e:
+            warnings.warn(f"{e} Falling back to the cached scores for this batch.", RuntimeWarning, stacklevel=3)
+    return cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))
+
+
+def _score_blocks(run, layers):
+    """``(layer, q0, scores [b, h, queries, keys])`` for every layer and block of queries of ``run``."""
+    for l in layers:
+        for q0, _q1, a in run.score_blocks(l):
+            yield l, q0, a
 
 
 def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: float) -> pd.DataFrame:
