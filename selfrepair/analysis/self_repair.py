@@ -53,6 +53,8 @@ Decisions where the definitions (docs/quantities.md) are silent (documented, tes
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import time
@@ -309,7 +311,8 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
     stats = dict(n_underflow=int(sum(run.n_underflow.values())), streamed=int(isinstance(run, StreamedRun)))
     del run
     t_local = time.perf_counter() - t0
-    df = _to_frame(parts, min_effect, threshold)
+    with _no_gc():   # millions of small tuples: the cyclic GC would rescan the whole heap many times
+        df = _to_frame(parts, min_effect, threshold)
     t_global = 0.0
     if global_effects:
         t1 = time.perf_counter()
@@ -317,6 +320,17 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         t_global = time.perf_counter() - t1
         df = _add_global(df, G, k, min_effect)
     return df, t_local, t_global, stats
+
+
+@contextlib.contextmanager
+def _no_gc():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _batch_run(model, task: Task, backend, layers, dtype):
@@ -347,7 +361,9 @@ def _to_frame(parts: List[Dict[str, Tensor]], min_effect: float, threshold: floa
         return x.detach().cpu().numpy()
 
     def tup(x, conv=float):
-        return [tuple(conv(v) for v in row) for row in x.detach().cpu().tolist()]
+        # numpy's tolist gives Python floats (float64 arrays) / ints (int64 arrays) already
+        arr = x.detach().cpu().numpy().astype(np.int64 if conv is int else np.float64, copy=False)
+        return list(map(tuple, arr.tolist()))
 
     E = cat["effects"]
     ES = cat["effect_joint"]
