@@ -13,7 +13,6 @@ check of the own forward (``prepare_clean``), each against an independent comput
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import numpy as np
@@ -115,11 +114,8 @@ def test_blocks_do_not_change_the_analysis(gpt2_bridge64, monkeypatch):
 def test_wrong_recomputation_is_caught_and_falls_back(gpt2_bridge64, monkeypatch):
     task = _task()
     be = probe(gpt2_bridge64)
-    bad = dataclasses.replace(be, attn_scale=be.attn_scale * 1.001) if dataclasses.is_dataclass(be) else None
-    if bad is None:
-        bad = probe(gpt2_bridge64)
-        bad = type(be).__new__(type(be))
-        bad.__dict__.update(be.__dict__, attn_scale=be.attn_scale * 1.001)
+    bad = type(be).__new__(type(be))                           # the probe's backend with a wrong attention scale
+    bad.__dict__.update(be.__dict__, attn_scale=be.attn_scale * 1.001)
     with pytest.raises(StreamMismatch, match="differ from the model's own"):
         streamed_run(gpt2_bridge64, task, dtype=torch.float64, backend=bad)
     kw = dict(k=2, min_contribution=0.0, select="abs", dtype=torch.float64, progress=False)
@@ -236,3 +232,16 @@ def test_wrong_own_forward_is_caught_first_and_by_the_spot_check(monkeypatch):
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert prepare_clean(fresh, task).path == "hooks"
+
+
+def test_length_beyond_context_is_refused_before_any_work(gpt2_bridge, monkeypatch):
+    n_ctx = int(gpt2_bridge.cfg.n_ctx)
+    task = Task(torch.randint(3, 100, (1, n_ctx + 1)), torch.tensor([5]), torch.tensor([6]))
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the length check")
+    monkeypatch.setattr(sr_mod, "resolve_backend", no_work)
+    monkeypatch.setattr(sr_mod, "streamed_run", no_work)
+    monkeypatch.setattr(sr_mod, "cached_run", no_work)
+    with pytest.raises(ValueError, match=str(n_ctx)):
+        analyze_self_repair(gpt2_bridge, task, progress=False)

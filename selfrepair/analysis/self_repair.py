@@ -172,6 +172,7 @@ def analyze_self_repair(
     Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
     """
 
+    validate_task(task, model)    # before any work: a prompt beyond the model's context is refused here
     backend = resolve_backend(model)
     layers, heads = _validate(model, task, backend, k=k, min_contribution=min_contribution, select=select,
                               threshold=threshold, min_effect=min_effect, ablation=ablation,
