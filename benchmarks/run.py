@@ -82,6 +82,7 @@ of an idle machine.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -578,6 +579,17 @@ def reset_peak_rss() -> tuple:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
 
 
+def trim_heap() -> None:
+    """glibc: return freed heap memory to the OS (malloc_trim), so that a later peak-growth measurement does not
+    reuse pages an earlier one left resident; a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_kib(method: str) -> int:
     if method == "VmHWM":
         return _status_kib("VmHWM")
@@ -659,6 +671,8 @@ def stream_worker(spec: dict) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+        gc.collect()
+        trim_heap()            # freed memory of the previous measurement back to the OS: each peak is its own
         rss0, how = reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         r = fn()
