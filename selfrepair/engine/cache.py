@@ -331,9 +331,9 @@ class StreamedRun:
 
     def score_blocks(self, layer: int, max_elements: Optional[int] = None):
         """``(q0, q1, scores [batch, head, q1 - q0, q1])`` over consecutive blocks of queries, each block holding at
-        most about ``max_elements`` scores (default ``2**19``); every block is computed when asked for."""
+        most about ``max_elements`` scores (default ``2**20``); every block is computed when asked for."""
         n = int(self.mask.shape[1])
-        budget = int(max_elements or 2 ** 19)
+        budget = int(max_elements or 2 ** 20)
         per_key = self.batch * self.n_heads
         q0 = 0
         while q0 < n:
