@@ -263,7 +263,7 @@ def test_values_follow_the_kv_map_the_probe_measured(llama_bridge):
     # an explicit map is followed, and a wrong one refused
     x = torch.arange(2 * 3 * 2 * 1, dtype=torch.float32).reshape(2, 3, 2, 1)
     assert expand_kv(x, 4, [1, 1, 0, 0])[0, 0, :, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
-    with pytest.raises(ValueError, match="kv_map"):
+    with pytest.raises(ValueError, match="kv_head_of"):
         expand_kv(x, 4, [0, 2, 0, 0])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 import importlib.metadata as md
 
 import torch
@@ -28,8 +29,32 @@ def versions(packages=("selfrepair", "transformer_lens", "torch", "transformers"
     return out
 
 
+_HASHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weights_state(model) -> tuple:
+    """What changes when a parameter's bytes can have changed: its storage, version counter (every in-place
+    write bumps it), shape and dtype."""
+    return tuple((name, p.data_ptr(), p._version, tuple(p.shape), p.dtype) for name, p in model.named_parameters())
+
+
 def model_hash(model) -> str:
-    """sha256 over every parameter's name, shape, dtype and bytes (identifies the weights)."""
+    """sha256 over every parameter's name, shape, dtype and bytes (identifies the weights). Cached per model
+    while no parameter was written or replaced since (storage and version counter unchanged)."""
+    try:
+        state = _weights_state(model)
+        hit = _HASHES.get(model)
+        if hit is not None and hit[0] == state:
+            return hit[1]
+    except TypeError:                      # not weak-referenceable: hash every time
+        state = None
+    out = _hash_weights(model)
+    if state is not None:
+        _HASHES[model] = (state, out)
+    return out
+
+
+def _hash_weights(model) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         t = p.detach().cpu().contiguous()

@@ -268,9 +268,16 @@ def select_keys(
     if idx.numel() == 0:
         return idx, torch.zeros(0, k, dtype=torch.long, device=w.device)
     bi, hi, qi = idx.unbind(1)
-    # stable sort of the negated key: equal keys keep their order, i.e. the lower position first
-    order = torch.sort(-key[bi, hi, qi], dim=1, stable=True).indices
-    return idx, order[:, :k]
+    kr = key[bi, hi, qi]                                                   # [R, n]
+    # the k largest, ties to the lower position (what a stable sort of -key gives), without sorting whole rows:
+    # every key above the k-th largest value t, then the lowest positions among the keys equal to t
+    t = kr.topk(k, dim=1).values[:, k - 1:k]
+    above = kr > t
+    at_t = kr == t
+    chosen = above | (at_t & (at_t.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    pos = chosen.nonzero()[:, 1].reshape(len(kr), k)                       # ascending positions, k per row
+    order = torch.sort(-kr.gather(1, pos), dim=1, stable=True).indices    # largest first, ties: lower position
+    return idx, pos.gather(1, order)
 
 
 def interaction_ratio(

@@ -59,9 +59,12 @@ Decisions where the definitions (docs/quantities.md) are silent (documented, tes
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -73,7 +76,7 @@ from tqdm.auto import tqdm
 
 from .._devices import model_dtype
 from .._typing import Tensor
-from ..engine.cache import cached_run, check_backend
+from ..engine.cache import StreamedRun, StreamMismatch, cached_run, can_stream, check_backend, streamed_run
 from ..engine.edits import ZEdits, measure_z_edits, prepare_clean
 from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
@@ -208,6 +211,7 @@ def analyze_self_repair(
     Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
     """
 
+    validate_task(task, model)    # before any work: a prompt beyond the model's context is refused here
     backend = resolve_backend(model)
     layers, heads = _validate(model, task, backend, k=k, min_contribution=min_contribution, select=select,
                               threshold=threshold, min_effect=min_effect, ablation=ablation,
@@ -245,7 +249,7 @@ def analyze_self_repair(
         starts = starts[rank::world]
     frames: List[pd.DataFrame] = []
     t_local = t_global = 0.0
-    n_resumed = n_underflow = 0
+    n_resumed = n_underflow = n_streamed = 0
 
     bar = tqdm(total=len(starts), desc="self-repair", unit="batch", disable=not progress)
     try:
@@ -264,7 +268,8 @@ def analyze_self_repair(
                                             cluster_similarity=float(cluster_similarity))
                 t_local += tl
                 t_global += tg
-                n_underflow += nu
+                n_underflow += nu["n_underflow"]
+                n_streamed += nu["streamed"]
                 if ck is not None:
                     ck.save(s, stop, df)
             else:
@@ -277,10 +282,10 @@ def analyze_self_repair(
     nonempty = [f for f in frames if len(f)]
     groups = pd.concat(nonempty, ignore_index=True) if nonempty else empty_groups(global_effects)
     groups = groups.sort_values(["prompt", "layer", "head", "query"], kind="stable").reset_index(drop=True)
-    # n_underflow: unmasked pattern entries that underflowed to 0 on a pattern-site backend (log p clamped to the
-    # log of the dtype's smallest positive number), over the batches computed here (not the resumed ones)
+    # n_underflow: unmasked pattern entries that underflowed to 0 and were clamped to the dtype's smallest
+    # log on a pattern-site backend (docs/quantities.md, "Notation"), over the batches computed in this call
     meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed,
-                n_underflow=int(n_underflow))
+                n_underflow=int(n_underflow), streamed_batches=int(n_streamed))
     return SelfRepairResult(groups, settings, meta)
 
 
@@ -345,7 +350,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
                    dtype, k_max=8, n_permutations=200, seed=0, cluster_similarity=0.8):
     """Rows of one batch of prompts: cached run, selection, closed-form effects (+ global effects)."""
     t0 = time.perf_counter()
-    run = cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))
+    run = _batch_run(model, task, backend, layers, dtype)
     dev = run.metric.device
     n = run.mask.shape[1]
     f64 = torch.float64
@@ -358,30 +363,34 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         sel_mask[:, :, 0] = False
     n_unmasked = run.mask.sum(-1)                                                                # [b, q]
     parts, edits = [], []
-    for l in layers:
-        a = run.scores[l]                                                                        # [b, h, q, k]
-        v = run.values[l]                                                                        # [b, k, h, d]
-        g = run.grad_z[l]                                                                        # [b, q, h, d]
+    for l, q0, a in _score_blocks(run, layers):                                                  # a [b, h, qb, nk]
+        nk = a.shape[-1]
+        qb = slice(q0, q0 + a.shape[2])
+        v = run.values[l][:, :nk]                                                                # [b, k, h, d]
+        g = run.grad_z[l][:, qb]                                                                 # [b, qb, h, d]
         c = torch.einsum("bqhd,bkhd->bhqk", g, v)
         w = torch.softmax(a, -1).nan_to_num(0.0) * c
-        row_ok = q_ok[:, None] & head_ok[None, :, None]                                         # [b, h, q]
+        row_ok = q_ok[:, None, qb] & head_ok[None, :, None]                                     # [b, h, qb]
+        m_blk, sel_blk = run.mask[:, qb, :nk], sel_mask[:, qb, :nk]
         if k == "auto":
-            groups = _select_auto(w, sel_mask, row_ok, k_max=k_max, min_contribution=min_contribution,
-                                  select=select, n_unmasked=n_unmasked, knockout=ablation == "knockout")
+            groups = _select_auto(w, sel_blk, row_ok, k_max=k_max, min_contribution=min_contribution,
+                                  select=select, n_unmasked=n_unmasked[:, qb], knockout=ablation == "knockout")
         else:
             if ablation == "knockout":
-                row_ok = row_ok & (n_unmasked > k)[:, None]
-            idx, keys = select_keys(w, sel_mask, row_ok, k=k, min_contribution=min_contribution, select=select)
+                row_ok = row_ok & (n_unmasked[:, qb] > k)[:, None]
+            idx, keys = select_keys(w, sel_blk, row_ok, k=k, min_contribution=min_contribution, select=select)
             groups = [(idx, keys)] if idx.numel() else []
         W_O = head_output_weights(model, l).to(device=dev, dtype=f64)                            # [h, d, d_model]
         for idx, keys in groups:
-            bi, hi, qi = idx.unbind(1)
-            o = _group_rows(a, v, c, w, bi, hi, qi, keys, run.mask, sel_mask, W_O, ablation=ablation,
+            bi, hi, qb_i = idx.unbind(1)                                                         # qb_i: in the block
+            o = _group_rows(a, v, c, w, bi, hi, qb_i, keys, m_blk, sel_blk, W_O, ablation=ablation,
                             value_ablation=value_ablation, temperature=temperature, global_effects=global_effects,
                             min_contribution=min_contribution, select=select, exclude_bos=exclude_bos,
                             min_effect=min_effect, cluster_similarity=cluster_similarity)
+            qi = qb_i + q0                                                                       # query position
+            pa, pm, pc, pmm = (_pad_keys(o.pop(x), n) for x in ("_a", "_m", "_c", "_mm"))      # as without blocks
             o["permutation_p"] = _permutation_p_rows(
-                o.pop("_a"), o.pop("_m"), o.pop("_c"), keys, o.pop("_mm"), bi + offset, hi, qi, run.lengths[bi], l,
+                pa, pm, pc, keys, pmm, bi + offset, hi, qi, run.lengths[bi], l,
                 ablation=ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
                 exclude_bos=exclude_bos)
             o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
@@ -390,17 +399,59 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
                 edits.append((bi, hi, qi, l, o.pop("z_deltas")))                               # [R, k+1, d]
             parts.append(o)
         del w
+    stats = dict(n_underflow=int(sum(run.n_underflow.values())), streamed=int(isinstance(run, StreamedRun)))
+    metric = run.metric
+    del run
     t_local = time.perf_counter() - t0
-    frames = [_to_frame(o, min_effect, threshold) for o in parts]
+    with _no_gc():   # millions of small tuples: the cyclic GC would rescan the whole heap many times
+        frames = [_to_frame(o, min_effect, threshold) for o in parts]
     t_global = 0.0
     if global_effects:
         t1 = time.perf_counter()
-        Gs = _global(model, task, edits, run.metric)                                           # per edit block
+        Gs = _global(model, task, edits, metric)                                               # per edit block
         t_global = time.perf_counter() - t1
         frames = [_add_global(df, G, noise, min_effect) for df, (G, noise) in zip(frames, Gs)]
     frames = [f for f in frames if len(f)]
     df = pd.concat(frames, ignore_index=True) if frames else empty_groups(global_effects)
-    return df, t_local, t_global, int(sum(run.n_underflow.values()))
+    return df, t_local, t_global, stats
+
+
+def _pad_keys(x: Tensor, n: int) -> Tensor:
+    """Rows of a block of queries hold the keys up to the block's last query; pad them to the batch's ``n`` keys
+    (zeros, i.e. masked / False), so the permutation test draws exactly what it draws without blocks."""
+    if x.shape[1] >= n:
+        return x
+    return torch.cat([x, torch.zeros(x.shape[0], n - x.shape[1], dtype=x.dtype, device=x.device)], 1)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _batch_run(model, task: Task, backend, layers, dtype):
+    """The activations of one batch: streamed (``engine.streamed_run``: no layer's ``[head, q, k]`` scores kept,
+    recomputed from q and k per block of queries) where the backend has a live scores site whose q / k hooks
+    reproduce it; today's ``cached_run`` otherwise (pattern-site backends, or a recomputation that fails its check)."""
+    if can_stream(backend):
+        try:
+            return streamed_run(model, task, layers=layers, dtype=dtype, backend=backend)
+        except StreamMismatch as e:
+            warnings.warn(f"{e} Falling back to the cached scores for this batch.", RuntimeWarning, stacklevel=3)
+    return cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))
+
+
+def _score_blocks(run, layers):
+    """``(layer, q0, scores [b, h, queries, keys])`` for every layer and block of queries of ``run``."""
+    for l in layers:
+        for q0, _q1, a in run.score_blocks(l):
+            yield l, q0, a
 
 
 def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, ablation, value_ablation, temperature,
@@ -467,7 +518,9 @@ def _to_frame(cat: Dict[str, Tensor], min_effect: float, threshold: float) -> pd
         return x.detach().cpu().numpy()
 
     def tup(x, conv=float):
-        return [tuple(conv(v) for v in row) for row in x.detach().cpu().tolist()]
+        # numpy's tolist gives Python floats (float64 arrays) / ints (int64 arrays) already
+        arr = x.detach().cpu().numpy().astype(np.int64 if conv is int else np.float64, copy=False)
+        return list(map(tuple, arr.tolist()))
 
     E = cat["effects"]
     ES = cat["effect_joint"]

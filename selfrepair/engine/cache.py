@@ -11,8 +11,8 @@ requested layer ``l``:
   EXPLICIT key mask, never detected from fill values (-3.4e38 on HF bridges).
 - ``pattern[l]`` ``p``  [batch, head, q, k], as the model computed it.
 - ``values[l]``  ``v``  [batch, k, head, d_head], expanded to query heads under
-  grouped-query attention: query head ``h`` reads kv head
-  ``h // (n_heads // n_kv_heads)`` (HF ``repeat_kv``, TL ``repeat_interleave``).
+  grouped-query attention: query head ``h`` reads kv head ``backend.kv_head_of[h]``,
+  the map the probe measured (``h // (n_heads // n_kv_heads)`` on HF and TL models).
 - ``z[l]`` [batch, q, head, d_head] and ``grad_z[l]`` ``g = dm/dz``
   [batch, q, head, d_head] (plain autograd, or whatever backward pass
   ``grad_context`` installs, e.g. GIM).
@@ -79,6 +79,11 @@ class CachedRun:
         grad = self.grad_z[layer][b, q, h] if self.grad_z is not None else None
         return scores, values, grad, self.mask[b, q]
 
+    def score_blocks(self, layer: int, max_elements: Optional[int] = None):
+        """The scores of ``layer`` as ``(q0, q1, scores [batch, head, q1 - q0, keys])`` blocks of queries; a cached
+        run holds them whole, so this is one block over every query and key (``StreamedRun`` streams them)."""
+        yield 0, int(self.mask.shape[1]), self.scores[layer]
+
 
 def key_mask(task: Task, n: Optional[int] = None) -> Bool[Tensor, "batch qpos kpos"]:
     """Explicit key mask: key ``j`` visible from query ``i`` iff ``j <= i`` and ``j`` is a real token."""
@@ -89,18 +94,18 @@ def key_mask(task: Task, n: Optional[int] = None) -> Bool[Tensor, "batch qpos kp
 
 
 def expand_kv(x: Float[Tensor, "batch pos kv_head d_head"], n_heads: int,
-              kv_map: Optional[Sequence[int]] = None) -> Float[Tensor, "batch pos head d_head"]:
-    """Expand kv heads to query heads: query head ``h`` reads kv head ``kv_map[h]`` (the map the probe measured
-    with its z = p @ v check, ``Backend.kv_head``); without a map, ``h // (n_heads // n_kv)``."""
+              kv_head_of: Optional[Sequence[int]] = None) -> Float[Tensor, "batch pos head d_head"]:
+    """Expand kv heads to query heads: query head ``h`` reads kv head ``kv_head_of[h]``, the map the probe
+    measured (``Backend.kv_head_of``: ``z_h = p_h @ v[kv_head_of[h]]`` verified on the model); without a map,
+    ``h // (n_heads // n_kv)`` (HF ``repeat_kv``, TL ``repeat_interleave``)."""
     n_kv = x.shape[2]
-    if kv_map is not None:
-        kv_map = [int(j) for j in kv_map]
-        if len(kv_map) != n_heads or not all(0 <= j < n_kv for j in kv_map):
-            raise ValueError(f"kv_map must give one kv head in 0..{n_kv - 1} for each of the {n_heads} query heads; "
-                             f"got {kv_map}.")
-        if kv_map == list(range(n_heads)):
+    if kv_head_of is not None and len(kv_head_of):
+        idx = [int(g) for g in kv_head_of]
+        if len(idx) != n_heads or not all(0 <= g < n_kv for g in idx):
+            raise ValueError(f"kv_head_of {tuple(idx)} does not map {n_heads} query heads to the {n_kv} kv heads.")
+        if idx == list(range(n_kv)) and n_kv == n_heads:
             return x
-        return x[:, :, torch.tensor(kv_map, device=x.device)]
+        return x[:, :, torch.tensor(idx, device=x.device)]
     if n_kv == n_heads:
         return x
     if n_heads % n_kv:
@@ -233,8 +238,7 @@ def cached_run(
         del logits, m
 
     scores, pattern, values, zd, gz = _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev,
-                                                 tiny_log, n_heads, dtype, n_underflow,
-                                                 kv_map=[backend.kv_head(h) for h in range(n_heads)])
+                                                 tiny_log, n_heads, dtype, n_underflow, backend.kv_head_of)
     raw.clear()
     z_live.clear()
 
@@ -245,7 +249,7 @@ def cached_run(
 
 
 def _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev, tiny_log, n_heads, dtype, n_underflow,
-               kv_map=None):
+               kv_head_of=None):
     """What the hooks saved, per layer: scores (-inf at masked keys; log p on pattern sites), pattern,
     values expanded to query heads, z and dm/dz, cast to ``dtype``."""
     backward = grads is not None
@@ -277,10 +281,195 @@ def _per_layer(layers, keep, site, need_pattern, raw, z_live, grads, mask_dev, t
         if "values" in keep:
             if l not in raw["values"]:
                 raise RuntimeError(f"hook_v did not fire at layer {l}.")
-            values[l] = expand_kv(raw["values"][l], n_heads, kv_map)
+            values[l] = expand_kv(raw["values"][l], n_heads, kv_head_of)
         if "z" in keep:
             zd[l] = cast(z_live[l])
         if backward:
             g = grads[idx]
             gz[l] = torch.zeros_like(z_live[l], dtype=dtype) if g is None else cast(g)
     return scores, pattern, values, zd, gz
+
+
+# =========================================================================== the streaming run
+
+
+class StreamMismatch(RuntimeError):
+    """The scores recomputed from q and k differ from the model's own scores (the caller falls back to
+    ``cached_run``)."""
+
+
+@dataclass
+class StreamedRun:
+    """What the analysis needs of one batch without any ``[head, q, k]`` tensor kept: q and k at the hooks the
+    probe found to reproduce the scores (``Backend.score_q_hook`` / ``score_k_hook``, ``attn_scale``), the
+    values, ``dm/dz``, the metric and the key mask. ``score_blocks(layer)`` recomputes the scores
+    ``a = q . k / attn_scale`` in blocks of queries (keys beyond the block's last query are masked for
+    every query of the block, so a block holds only keys ``0 .. q1 - 1``)."""
+
+    layers: tuple
+    q: Dict[int, Float[Tensor, "batch qpos head d_head"]]
+    k: Dict[int, Float[Tensor, "batch kpos kv_head d_head"]]
+    values: Dict[int, Float[Tensor, "batch kpos head d_head"]]
+    grad_z: Dict[int, Float[Tensor, "batch qpos head d_head"]]
+    metric: Float[Tensor, "batch"]
+    mask: Bool[Tensor, "batch qpos kpos"]
+    lengths: Int[Tensor, "batch"]
+    positions: Int[Tensor, "batch"]
+    n_heads: int
+    n_kv_heads: int
+    kv_head_of: tuple
+    attn_scale: float
+    score_site: str = "scores"
+    n_underflow: Dict[int, int] = field(default_factory=dict)
+    #: largest |recomputed - hooked| score at the checked rows, relative to the row's max |q_i| |k_j| / scale
+    check_error: float = 0.0
+
+    @property
+    def batch(self) -> int:
+        return int(self.metric.shape[0])
+
+    def scores_rows(self, layer: int, q0: int, q1: int, n_keys: Optional[int] = None
+                    ) -> Float[Tensor, "batch head qrows kpos"]:
+        """Scores of queries ``q0 .. q1 - 1`` over keys ``0 .. n_keys - 1`` (default all), ``-inf`` at masked keys."""
+        nk = int(self.mask.shape[2]) if n_keys is None else int(n_keys)
+        q = self.q[layer][:, q0:q1]
+        k = expand_kv(self.k[layer][:, :nk], self.n_heads, self.kv_head_of)
+        a = torch.einsum("bqhd,bkhd->bhqk", q, k) / self.attn_scale
+        return a.masked_fill(~self.mask[:, None, q0:q1, :nk], float("-inf"))
+
+    def score_blocks(self, layer: int, max_elements: Optional[int] = None):
+        """``(q0, q1, scores [batch, head, q1 - q0, q1])`` over consecutive blocks of queries, each block holding at
+        most about ``max_elements`` scores (default ``2**20``); every block is computed when asked for."""
+        n = int(self.mask.shape[1])
+        budget = int(max_elements or 2 ** 20)
+        per_key = self.batch * self.n_heads
+        q0 = 0
+        while q0 < n:
+            # the largest q1 with (q1 - q0) * q1 * per_key <= budget (at least one query)
+            q1 = q0 + 1
+            step = max(1, n // 64)
+            while q1 < n and (min(q1 + step, n) - q0) * min(q1 + step, n) * per_key <= budget:
+                q1 = min(q1 + step, n)
+            yield q0, q1, self.scores_rows(layer, q0, q1, q1)
+            q0 = q1
+
+
+def can_stream(backend) -> bool:
+    """Whether ``streamed_run`` applies: a live scores site and q / k hooks that reproduce it (``Backend``)."""
+    return (getattr(backend, "score_site", None) == "scores" and bool(getattr(backend, "scores_hook", None))
+            and bool(getattr(backend, "score_q_hook", None)) and bool(getattr(backend, "score_k_hook", None))
+            and bool(getattr(backend, "attn_scale", None)))
+
+
+def streamed_run(
+    model,
+    task: Task,
+    *,
+    layers: Optional[Iterable[int]] = None,
+    grad_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+    dtype: torch.dtype = torch.float32,
+    backend=None,
+) -> StreamedRun:
+    """One forward and one backward of ``sum over prompts of m`` over ``task`` that keep no ``[head, q, k]`` tensor:
+    q, k, v, ``dm/dz`` per layer (the memory of the model's own forward and backward, plus O(tokens) per layer);
+    the scores are recomputed per block of queries by ``StreamedRun.score_blocks``.
+
+    The recomputation is checked on every call: at each layer the model's own scores (read at the live scores
+    hook) of each prompt's metric-position query must equal the recomputed ones within the rounding of a
+    ``d_head``-term dot product in the model's dtype, ``(d_head + 2) eps max_j |q_i| |k_j| / attn_scale``; otherwise
+    ``StreamMismatch`` is raised (``analyze_self_repair`` then falls back to ``cached_run``).
+    Requires ``can_stream(backend)`` (live scores site; on pattern-site backends use ``cached_run``).
+    """
+    backend = resolve_backend(model, backend)
+    check_backend(backend)
+    if not can_stream(backend):
+        raise ValueError("streamed_run needs a live scores site and q / k hooks that reproduce it "
+                         f"(backend score_site={backend.score_site!r}, score_q_hook={backend.score_q_hook!r}); "
+                         "use cached_run on this model.")
+    n_layers, n_heads = backend.n_layers, backend.n_heads
+    layers = tuple(range(n_layers)) if layers is None else tuple(int(l) for l in layers)
+    for l in layers:
+        if not 0 <= l < n_layers:
+            raise ValueError(f"layer {l} out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
+    validate_task(task, model)
+    n = int(task.lengths.max())
+    device = _model_device(model)
+    tokens = task.tokens[:, :n].to(device)
+    mask_dev = key_mask(task, n).to(device)
+    positions = task.positions.to(device)
+    b_idx = torch.arange(len(task), device=device)
+    raw: Dict[str, Dict[int, Tensor]] = {"q": {}, "k": {}, "v": {}, "check": {}}
+    z_live: Dict[int, Tensor] = {}
+
+    def save(kind: str, layer: int):
+        def fn(x, hook):
+            raw[kind][layer] = x.detach().to(dtype=dtype)
+        return fn
+
+    def save_rows(layer: int):
+        def fn(x, hook):   # the model's own scores at each prompt's metric-position query: [batch, head, k]
+            raw["check"][layer] = x.detach()[b_idx, :, positions].to(dtype=dtype).clone()
+        return fn
+
+    def save_z(layer: int):
+        def fn(x, hook):
+            y = x.detach().clone().requires_grad_(True) if not x.requires_grad else x.clone()
+            z_live[layer] = y
+            return y
+        return fn
+
+    fwd = []
+    for l in layers:
+        fwd.append((backend.hook(backend.score_q_hook, l), save("q", l)))
+        fwd.append((backend.hook(backend.score_k_hook, l), save("k", l)))
+        fwd.append((backend.hook(backend.v_hook, l), save("v", l)))
+        fwd.append((backend.hook(backend.scores_hook, l), save_rows(l)))
+        fwd.append((backend.hook(backend.z_hook, l), save_z(l)))
+    ctx = grad_context() if (grad_context is not None) else contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(ctx)
+        stack.enter_context(model.hooks(fwd_hooks=fwd))
+        logits = model(tokens)
+        missing = [l for l in layers if l not in z_live or any(l not in raw[kd] for kd in ("q", "k", "v", "check"))]
+        if missing:
+            raise RuntimeError(f"the q / k / v / scores / z hooks did not all fire at layers {missing}.")
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        m = task.metric_from_full_logits(logits)
+        metric = m.detach()
+        if not m.requires_grad:
+            raise RuntimeError("the metric does not depend on hook_z through autograd; cannot take dm/dz.")
+        grads = torch.autograd.grad(m.sum(), [z_live[l] for l in layers], allow_unused=True)
+        del logits, m
+    gz = {l: (torch.zeros_like(z_live[l], dtype=dtype) if g is None else g.detach().to(dtype))
+          for l, g in zip(layers, grads)}
+    z_live.clear()
+    values = {l: expand_kv(raw["v"][l], n_heads, backend.kv_head_of) for l in layers}
+    run = StreamedRun(layers=layers, q=raw["q"], k=raw["k"], values=values, grad_z=gz, metric=metric.to(dtype),
+                      mask=mask_dev, lengths=task.lengths.to(device), positions=positions, n_heads=n_heads,
+                      n_kv_heads=backend.n_kv_heads, kv_head_of=tuple(backend.kv_head_of), attn_scale=float(backend.attn_scale))
+    run.check_error = _check_recomputed(run, raw["check"], _model_float_dtype(model), backend.d_head)
+    return run
+
+
+def _check_recomputed(run: StreamedRun, hooked: Dict[int, Tensor], model_dtype: torch.dtype, d_head: int) -> float:
+    """Compare the recomputed scores of each prompt's metric-position row with the model's own (see streamed_run)."""
+    eps = float(torch.finfo(model_dtype).eps)
+    b_idx = torch.arange(run.batch, device=run.mask.device)
+    m = run.mask[b_idx, run.positions]                                          # [b, k]
+    worst = 0.0
+    for l, own in hooked.items():
+        q = run.q[l][b_idx, run.positions]                                     # [b, h, d]
+        k = expand_kv(run.k[l], run.n_heads, run.kv_head_of)                   # [b, k, h, d]
+        a = torch.einsum("bhd,bkhd->bhk", q, k) / run.attn_scale
+        scale = (q.norm(dim=-1)[..., None] * k.norm(dim=-1).transpose(1, 2)).amax(-1) / run.attn_scale  # [b, h]
+        err = torch.where(m[:, None], (a - own.to(a.dtype)).abs(), torch.zeros((), dtype=a.dtype, device=a.device))
+        rel = err.amax(-1) / scale.clamp_min(torch.finfo(a.dtype).tiny)
+        worst = max(worst, float(rel.max()))
+        if not bool((rel <= (d_head + 2) * eps).all()):
+            raise StreamMismatch(
+                f"layer {l}: scores recomputed from q and k differ from the model's own by {float(rel.max()):.3g} of "
+                f"max|q||k|/scale (allowed {(d_head + 2) * eps:.3g}, the rounding of a {d_head}-term dot product in "
+                f"{str(model_dtype).replace('torch.', '')}).")
+    return worst

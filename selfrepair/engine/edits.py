@@ -74,7 +74,9 @@ grouped by (prompt, layer) and, inside, by start so that a batch's window wastes
 at most ~15%. ``prepare_clean`` checks the clean logits at the metric positions
 against the bridge's own forward (max abs difference <= 1e-4 x (1 + max |logit|)
 in float32, 1e-9 (GPT-2) / 1e-6 (Llama, float32 softmax and RMSNorm inside) in
-float64); on a mismatch ``path="auto"`` warns and takes the hook path,
+float64): on every prompt the first time for a model and its settings (weights, dtype, device, kind;
+cached), then on a sampled ``SPOT_CHECK_FRACTION`` (1/16, at least one prompt) of each later call's prompts
+(``CleanRun.check_mode`` says which, ``check_prompts`` how many); on a mismatch ``path="auto"`` warns and takes the hook path,
 ``path="fast"`` raises. Not taken (auto -> hooks, ``reason`` says why): models in
 training mode, processed / folded weights (``enable_compatibility_mode()`` with
 processing), other architectures.
@@ -103,6 +105,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -225,6 +228,8 @@ class CleanRun:
     k: Optional[List[Tensor]] = None            # per layer [batch, pos, n_kv_heads, d_head] (rotated keys)
     v: Optional[List[Tensor]] = None
     check_max_abs_diff: float = float("nan")    # fast-vs-bridge logits at the metric positions
+    check_mode: str = ""                        # fast path: "full" (every prompt) or "spot" (sampled prompts)
+    check_prompts: int = 0                      # prompts whose logits were checked against the bridge
     unembed_mode: str = "full"                  # hook path: "resid" (metric positions only) or "full"
     model_id: int = 0
     tokens: Optional[Tensor] = None
@@ -265,6 +270,29 @@ def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional
     return _prepare_hooks(model, task, dims, reason, batch_size=batch_size)
 
 
+#: share of the prompts whose logits ``prepare_clean`` checks against the bridge once the fast forward passed a full
+#: check on this model with these settings (at least one prompt per call)
+SPOT_CHECK_FRACTION = 1 / 16
+_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _check_key(model, kind: str, dtype: torch.dtype, device) -> tuple:
+    """What the full check of the fast forward vouches for: the kind, dtype, device, eval mode and the weights
+    (each parameter's storage and version counter, which every in-place write bumps)."""
+    return (kind, str(dtype), str(device), bool(model.training),
+            tuple((n, p.data_ptr(), p._version, tuple(p.shape)) for n, p in model.named_parameters()))
+
+
+def _spot_rows(task: Task) -> Tensor:
+    """The prompts of a spot check: ``SPOT_CHECK_FRACTION`` of them (at least one), drawn with a seed taken from
+    the task's tokens (the same task gives the same sample; different tasks, different ones)."""
+    B = len(task)
+    n = min(B, max(1, math.ceil(SPOT_CHECK_FRACTION * B)))
+    seed = int(task.tokens.to(torch.int64).sum()) * 1000003 + B
+    g = torch.Generator().manual_seed(seed % (2 ** 63))
+    return torch.randperm(B, generator=g)[:n].sort().values
+
+
 @torch.no_grad()
 def _prepare_fast(model, task: Task, dims: ModelFacts, kind: str, *, batch_size) -> CleanRun:
     fm = FastModel(model, kind, dims)
@@ -285,20 +313,32 @@ def _prepare_fast(model, task: Task, dims: ModelFacts, kind: str, *, batch_size)
     logits = fm.final_logits(resid[-1][rows, pos])
     od = _out_dtype(mdt)
     metric = task.metric_fn(logits.to(od), torch.arange(B)).to(od).cpu()
-    # check against the model's own forward (hooks of our own: none)
+    # check against the model's own forward (hooks of our own: none): every prompt the first time for this model
+    # and these settings (weights, dtype, device, kind), then a sampled spot check (SPOT_CHECK_FRACTION of the
+    # prompts, at least one) on every later call
+    key = _check_key(model, kind, mdt, dev)
+    full = _VERIFIED.get(model) != key
+    check_rows = torch.arange(B) if full else _spot_rows(task)
     ref = []
-    for s in range(0, B, bs):
-        out = model(task.tokens[s:s + bs].to(dev))
-        ref.append(out[torch.arange(out.shape[0], device=dev), pos[s:s + bs]])
+    for s in range(0, len(check_rows), bs):
+        r = check_rows[s:s + bs]
+        out = model(task.tokens[r].to(dev))
+        ref.append(out[torch.arange(out.shape[0], device=dev), pos[r.to(dev)]])
     ref = torch.cat(ref)
-    diff = float((ref.to(od) - logits.to(od)).abs().max())
+    mine = logits[check_rows.to(dev)]
+    diff = float((ref.to(od) - mine.to(od)).abs().max())
     scale = float(ref.to(od).abs().max()) + 1.0
     # float64: GPT-2 is float64 throughout; HF Llama keeps its softmax and RMSNorm in float32
     tol = {torch.float64: 1e-9 if kind == "gpt2" else 1e-6, torch.float32: 1e-4}.get(mdt, 5e-2) * scale
     if not math.isfinite(diff) or diff > tol:
-        raise FastMismatch(f"max |logit difference| {diff:.3g} > {tol:.3g} at the metric positions")
+        _VERIFIED.pop(model, None)
+        raise FastMismatch(f"max |logit difference| {diff:.3g} > {tol:.3g} at the metric positions"
+                           f" ({'full check' if full else 'spot check'} of {len(check_rows)} prompt(s))")
+    if full:
+        _VERIFIED[model] = key
     return CleanRun(path="fast", metric=metric, z=zs, positions=task.positions.clone(), fast_kind=kind,
-                    resid=resid, k=ks, v=vs, check_max_abs_diff=diff, model_id=id(model),
+                    resid=resid, k=ks, v=vs, check_max_abs_diff=diff, check_mode="full" if full else "spot",
+                    check_prompts=len(check_rows), model_id=id(model),
                     tokens=task.tokens.clone(), _fm=fm)
 
 

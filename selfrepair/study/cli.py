@@ -463,6 +463,16 @@ def _build_task(model, args):
 # ----------------------------------------------------------------------------- commands
 
 
+def underflow_line(meta: dict) -> Optional[str]:
+    """The summary line for ``n_underflow`` (pattern entries that underflowed to 0 and were clamped), or None."""
+    n = int(meta.get("n_underflow") or 0)
+    if not n:
+        return None
+    return (f"{n} attention-pattern entries underflowed to 0 and were clamped to the dtype's smallest log "
+            f"(score site {meta.get('score_site', 'pattern')!r}: scores are read as log p; docs/quantities.md, "
+            "\"Notation\")")
+
+
 def cmd_analyze(args) -> int:
     timings = Timings()
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -636,9 +646,9 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
                f"{settings.get('ablation')} ablation, {timings.wall['total']:.0f} s "
                f"({timings.cpu['total']:.0f} s of CPU)")
     print(format_summary(h, context))
-    am = res.get("analysis_meta") or {}
-    if am.get("score_site") == "pattern" and am.get("n_underflow") is not None:
-        print(f"pattern entries that underflowed to 0 (scores read as log p, clamped): {am['n_underflow']}")
+    uline = underflow_line(res["analysis_meta"] or {})
+    if uline:
+        print(uline)
     print(f"wrote {len(summary['files'])} files to {out} (tables/, figures/, summary.json"
           f"{', report.html' if 'report.html' in summary['files'] else ''})")
     return 0
