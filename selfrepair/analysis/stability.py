@@ -156,8 +156,8 @@ def _analyses(model, task: Task, *, k, min_contribution, head_ablation, batch_si
     sr = analyze_self_repair(model, task, k=k, min_contribution=min_contribution, batch_size=batch_size,
                              progress=False)
     ha = head_attributions(model, task, ablation=head_ablation, per_prompt=True, frozen_qk=False,
-                           batch_size=batch_size)
-    ex = {m: explain(model, task, method=m, batch_size=batch_size).double().numpy() for m in ("grad", "gim")}
+                           batch_size=batch_size, progress=False)
+    ex = {m: explain(model, task, method=m, batch_size=batch_size, progress=False).double().numpy() for m in ("grad", "gim")}
     return sr.groups, ha, ex
 
 
