@@ -17,6 +17,7 @@ import torch
 import transformers
 
 import selfrepair
+from conftest import assert_frames_identical
 from selfrepair import tasks
 from selfrepair._devices import is_split, model_devices
 from selfrepair.engine import ZEdits, measure_z_edits, prepare_clean
@@ -44,14 +45,7 @@ def test_cpu_device_map_is_the_usual_model(checkpoint):
     a = selfrepair.analyze_self_repair(plain, task, **kw).groups
     b = selfrepair.analyze_self_repair(placed, task, **kw).groups
     assert len(a) > 0
-    # exactly equal, NaN included (tuple columns such as `concealment` may hold NaN, which == does not match)
-    assert list(a.columns) == list(b.columns) and len(a) == len(b)
-    for c in a.columns:
-        if a[c].dtype == object:
-            for x, y in zip(a[c], b[c]):
-                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=c)
-        else:
-            np.testing.assert_array_equal(a[c].to_numpy(), b[c].to_numpy(), err_msg=c)
+    assert_frames_identical(a, b, obj="groups")   # exactly, NaN matching NaN inside tuples too
 
 
 def test_split_model_detected_and_fast_path_steps_aside(checkpoint):
