@@ -119,6 +119,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without install
 
 from selfrepair._devices import model_device, model_dtype  # noqa: E402  (after the path above)
 from selfrepair.engine.kernels import ablated_pattern  # noqa: E402
+from selfrepair.models.facts import model_dims, model_facts  # noqa: E402
 
 #: shapes of the models built from configs (random weights, seeded)
 SHAPES = {
@@ -277,7 +278,7 @@ def random_task(model, n: int, seq_len: int, seed: int = 0):
     """n prompts of ``seq_len`` uniform random tokens (seeded); metric at the last token, random answer/wrong."""
     from selfrepair.tasks import Task
 
-    V = int(model.cfg.d_vocab)
+    V, _ = model_dims(model)
     g = torch.Generator().manual_seed(seed)
     toks = torch.randint(1, V, (n, seq_len), generator=g)
     ans = torch.randint(1, V, (n,), generator=g)
@@ -324,7 +325,8 @@ def random_ablations(model, task, n: int, seed: int = 0) -> Ablations:
     """A fixed, seeded set of n (prompt, layer, head, query, key pair) ablations: query uniform in 1..P (two
     keys needed), the pair two distinct keys among 0..query."""
     g = torch.Generator().manual_seed(seed)
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    facts = model_facts(model)
+    L, H = facts.n_layers, facts.n_heads
     b = torch.randint(0, len(task), (n,), generator=g)
     P = task.positions[b]
     q = 1 + (torch.rand(n, generator=g) * P.double()).long().clamp(max=P - 1)

@@ -202,3 +202,27 @@ def sr_tokenizer():
 
             return PreTrainedTokenizerFast.from_pretrained(str(d))
     pytest.skip("default-model tokenizer not found")
+
+
+def assert_frames_identical(a, b, obj: str = "frame") -> None:
+    """Two DataFrames exactly equal, NaN matching NaN also inside tuple columns (pandas' exact comparison
+    compares tuples with ==, for which NaN differs from itself)."""
+    import numpy as np
+    assert list(a.columns) == list(b.columns) and len(a) == len(b), obj
+    for c in a.columns:
+        if a[c].dtype == object:
+            for i, (x, y) in enumerate(zip(a[c], b[c])):
+                if isinstance(x, (tuple, list, np.ndarray)) or isinstance(y, (tuple, list, np.ndarray)):
+                    np.testing.assert_array_equal(np.asarray(x, dtype=object if _nested(x) else None),
+                                                  np.asarray(y, dtype=object if _nested(y) else None),
+                                                  err_msg=f"{obj}.{c}[{i}]")
+                else:
+                    assert x == y or (x != x and y != y), f"{obj}.{c}[{i}]: {x!r} != {y!r}"
+        else:
+            assert a[c].dtype == b[c].dtype, f"{obj}.{c}: dtype {a[c].dtype} != {b[c].dtype}"
+            np.testing.assert_array_equal(a[c].to_numpy(), b[c].to_numpy(), err_msg=f"{obj}.{c}")
+
+
+def _nested(x) -> bool:
+    return any(isinstance(e, (tuple, list)) for e in x) if isinstance(x, (tuple, list)) else False
+

@@ -222,7 +222,7 @@ def test_full_run_writes_every_file_with_content(full_run):
     assert settings["global_effects"] is True and settings["k"] == 2 and settings["threshold"] == 0.1
     from selfrepair.analysis import analyze_self_repair
 
-    assert set(settings) == {p for p in inspect.signature(analyze_self_repair).parameters if p not in ("model", "task")}
+    assert set(settings) == {p for p in inspect.signature(analyze_self_repair).parameters if p not in ("model", "task", "shard")}
     assert s["task"]["name"] == "induction" and s["task"]["n"] == 3 and s["task"]["seq_len"] == 31
     assert s["seed"] == 0 and s["head_ablation"] == "mean" and s["device"] == "cpu" and s["threads"] == 1
     assert s["attribution_n"] == 3

@@ -7,11 +7,14 @@ gradient.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import selfrepair
 from selfrepair.analysis.gim import norm_freeze_hooks
+from selfrepair.models.facts import ModelFacts, model_facts
 from selfrepair.models.probe import Backend, ProbeError, _Prober
 
 from conftest import make_gpt2_bridge, make_llama_bridge, needs_bridge
@@ -129,6 +132,32 @@ def test_float64_bridges(gpt2_bridge64, llama_bridge64):
     b = selfrepair.probe(llama_bridge64)
     assert b.gated_mlp and b.n_kv_heads == 2
 
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_bridge", "llama_bridge"])
+def test_backend_dims_live_in_model_facts(fixture, request):
+    """The Backend holds one ModelFacts; its dimensions are read-only views of it, and they match the shapes
+    of the hooks of a fresh forward pass and the wrapped HF config (independent of the probe)."""
+    model = request.getfixturevalue(fixture)
+    b = selfrepair.probe(model)
+    assert isinstance(b.facts, ModelFacts)
+    names = ("kind", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model", "d_vocab", "n_ctx",
+             "z_hook")
+    assert all(getattr(b, n) == getattr(b.facts, n) for n in names)
+    assert not ({"n_layers", "n_heads", "n_kv_heads", "d_head", "n_ctx"} & {f.name for f in dataclasses.fields(b)})
+    with pytest.raises(AttributeError):
+        b.n_heads = 99
+    hf = model.original_model.config
+    _, cache = model.run_with_cache(TOKS)
+    last = hf.num_hidden_layers - 1
+    assert b.n_layers == hf.num_hidden_layers and f"blocks.{last + 1}.attn.hook_z" not in model.hook_dict
+    assert b.n_heads == hf.num_attention_heads == cache[f"blocks.{last}.attn.hook_pattern"].shape[1]
+    n_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    assert b.n_kv_heads == n_kv == cache[f"blocks.{last}.attn.hook_k"].shape[2]
+    assert b.d_head == hf.hidden_size // hf.num_attention_heads == cache[f"blocks.{last}.attn.hook_z"].shape[-1]
+    assert (b.d_model, b.d_vocab) == (hf.hidden_size, hf.vocab_size)
+    # the config-only reading agrees with the measured one on every field
+    assert model_facts(model) == b.facts
 
 # ----------------------------------------------------------------------------- hygiene
 

@@ -15,6 +15,7 @@ import torch
 
 from .._devices import analysis_dtype, model_device, model_dtype
 from .._typing import Tensor
+from ..models.facts import model_dims
 from ..tasks import get_tokenizer
 
 __all__ = ["METHODS", "calc_dtype", "check_method", "forward_logits", "default_baseline_id",
@@ -60,7 +61,7 @@ def default_baseline_id(model) -> int:
 
 def baseline_token(model, baseline_id: Optional[int]) -> int:
     b = default_baseline_id(model) if baseline_id is None else baseline_id
-    d_vocab = int(model.cfg.d_vocab)
+    d_vocab, _ = model_dims(model)
     if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= int(b) < d_vocab:
         raise ValueError(f"baseline_id must be a token id in [0, {d_vocab}); got {b!r}.")
     return int(b)

@@ -55,8 +55,7 @@ def greedy_streams(model, *, n_streams: int, length: int, seed: int = 0) -> Int[
     token) continued greedily by the model; past the model's context each next token is predicted from the
     last ``n_ctx`` tokens (a sliding window), so a window of ``n_ctx`` tokens ending at p is followed by the
     model's own top-1 at p."""
-    _, n_ctx = model_dims(model)
-    V = int(model.cfg.d_vocab)
+    V, n_ctx = model_dims(model)
     special = set(special_ids(model))
     ok = torch.tensor([i for i in range(V) if i not in special], dtype=torch.long)
     g = torch.Generator().manual_seed(int(seed))
@@ -86,7 +85,7 @@ def continuation_copy_task(model, *, n: int, seq_len: int, seed: int = 0, min_re
     if streams is None:
         streams = greedy_streams(model, n_streams=n_streams, length=stream_len or n_ctx + 64, seed=seed)
     special = set(special_ids(model))
-    V = int(model.cfg.d_vocab)
+    V, _ = model_dims(model)
     cand = []
     for si, s in enumerate(streams):
         N = len(s)

@@ -245,7 +245,10 @@ def _summary(protocol: str, rankings: Dict[str, list], fractions, drops: dict, m
         R = len(scores)
 
         def per_prompt(kind, step):  # mean over rankings (seeds), per prompt
-            return torch.stack([drops[(name, r_i, kind, step)] for r_i in range(R)]).mean(0)
+            # a variant no selected prompt needed (e.g. "paper" with no correctly predicted prompt) was never
+            # run: NaN for every prompt, as the means over the (empty) selection are
+            nan = torch.full_like(m_clean, float("nan"))
+            return torch.stack([drops.get((name, r_i, kind, step), nan) for r_i in range(R)]).mean(0)
 
         if protocol == "paper":
             # cumulative curve per prompt: drop at k = 1 .. k_max (NaN beyond a prompt's k_max)

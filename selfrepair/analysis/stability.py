@@ -43,6 +43,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 # imports of existing code (re-point here when the layout changes)
+from ..models.facts import model_facts
 from ..tasks.base import Task
 from ..tasks.edits import EDITS, check_edits, edit_task
 from . import stats
@@ -156,8 +157,8 @@ def _analyses(model, task: Task, *, k, min_contribution, head_ablation, batch_si
     sr = analyze_self_repair(model, task, k=k, min_contribution=min_contribution, batch_size=batch_size,
                              progress=False)
     ha = head_attributions(model, task, ablation=head_ablation, per_prompt=True, frozen_qk=False,
-                           batch_size=batch_size)
-    ex = {m: explain(model, task, method=m, batch_size=batch_size).double().numpy() for m in ("grad", "gim")}
+                           batch_size=batch_size, progress=False)
+    ex = {m: explain(model, task, method=m, batch_size=batch_size, progress=False).double().numpy() for m in ("grad", "gim")}
     return sr.groups, ha, ex
 
 
@@ -174,7 +175,8 @@ def stability(model, task: Task, *, edits: Sequence[str] = tuple(EDITS), n_varia
         raise ValueError(f"unknown head_ablation {head_ablation!r}; valid: zero, mean.")
     if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 0:
         raise ValueError(f"n_boot must be a non-negative int, got {n_boot!r}.")
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    facts = model_facts(model)
+    L, H = facts.n_layers, facts.n_heads
     opts = dict(k=k, min_contribution=min_contribution, head_ablation=head_ablation, batch_size=batch_size)
     edited = {kind: edit_task(task, model, kind, n_variants=n_variants, seed=seed) for kind in kinds}
     g0, ha0, ex0 = _analyses(model, task, **opts)

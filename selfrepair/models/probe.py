@@ -41,12 +41,13 @@ import math
 import re
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 import torch
 
 from .._devices import model_device, model_dtype
+from .facts import ModelFacts, model_facts
 from .loading import model_kind
 from .norm_freeze import freeze_hooks, straight_through_hooks
 
@@ -59,22 +60,15 @@ class ProbeError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
-    kind: Literal["tl3", "bridge-hf", "bridge-native"]
-    architecture: str            # e.g. "GPT2LMHeadModel", "LlamaForCausalLM", "TransformerLensNative"
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int              # < n_heads under grouped-query attention (hook_k / hook_v have this many heads)
-    d_head: int
-    d_model: int
-    d_vocab: int
-    n_ctx: int
+    #: the model's dimensions, kind and architecture; n_heads, n_kv_heads (< n_heads under grouped-query
+    #: attention: hook_k / hook_v have this many heads) and d_head as measured on the hooks
+    facts: ModelFacts
     # attention sites
     q_hook: str                  # "blocks.{layer}.attn.hook_q"  [batch, pos, n_heads, d_head]
     k_hook: str                  # "blocks.{layer}.attn.hook_k"  [batch, pos, n_kv_heads, d_head]
     v_hook: str                  # "blocks.{layer}.attn.hook_v"  [batch, pos, n_kv_heads, d_head]
     scores_hook: Optional[str]   # live, exact pre-softmax scores (after rotary, scaled); None if no such site
     pattern_hook: str            # "blocks.{layer}.attn.hook_pattern" [batch, head, q, k]; edits move output + grad
-    z_hook: str                  # "blocks.{layer}.attn.hook_z" [batch, pos, n_heads, d_head]; edits move output + grad
     scores_live: bool            # an edit at scores_hook changes the output and the gradient
     score_site: Literal["scores", "pattern"]   # where score ablations / TSG are applied
     # inputs of q, k, v projections (for GIM multipliers; gradient multiplied at these points)
@@ -112,6 +106,19 @@ class Backend:
     enabled: tuple = ()
     #: the name of the hook at which MLP-input gradients were measured (diagnostic)
     notes: tuple = field(default=(), compare=False)
+
+    # the dimensions live in ``facts`` (one home); these read-only views keep ``backend.n_heads`` etc. working
+    kind = property(lambda self: self.facts.kind, doc='"tl3", "bridge-hf" or "bridge-native"')
+    architecture = property(lambda self: self.facts.architecture, doc='e.g. "GPT2LMHeadModel", "LlamaForCausalLM"')
+    n_layers = property(lambda self: self.facts.n_layers)
+    n_heads = property(lambda self: self.facts.n_heads)
+    n_kv_heads = property(lambda self: self.facts.n_kv_heads, doc="heads of hook_k / hook_v")
+    d_head = property(lambda self: self.facts.d_head)
+    d_model = property(lambda self: self.facts.d_model)
+    d_vocab = property(lambda self: self.facts.d_vocab)
+    n_ctx = property(lambda self: self.facts.n_ctx)
+    z_hook = property(lambda self: self.facts.z_hook,
+                      doc='"blocks.{layer}.attn.hook_z" [batch, pos, n_heads, d_head]; edits move output + grad')
 
     def hook(self, template: str, layer: int) -> str:
         return template.format(layer=layer)
@@ -483,25 +490,14 @@ class _Prober:
         score_q_hook, score_k_hook, attn_scale = score_qk
         norm_type, norm_hooks, detach_err, freeze_method = norms
         gated, gate_hook, up_hook = mlp
-        arch = getattr(self.cfg, "architecture", None) or getattr(self.cfg, "original_architecture", None)
-        if not arch:
-            arch = type(self.m).__name__
+        facts = replace(model_facts(self.m), n_heads=att["n_heads"], n_kv_heads=att["n_kv"], d_head=att["d_head"])
         return Backend(
-            kind=self.kind,
-            architecture=str(arch),
-            n_layers=self.n_layers,
-            n_heads=att["n_heads"],
-            n_kv_heads=att["n_kv"],
-            d_head=att["d_head"],
-            d_model=self.d_model,
-            d_vocab=self.d_vocab,
-            n_ctx=self.n_ctx,
+            facts=facts,
             q_hook=A + "hook_q",
             k_hook=A + "hook_k",
             v_hook=A + "hook_v",
             scores_hook=scores["hook"],
             pattern_hook=A + "hook_pattern",
-            z_hook=A + "hook_z",
             scores_live=scores["live"],
             score_site="scores" if scores["live"] else "pattern",
             q_input_hook=inputs["q"],

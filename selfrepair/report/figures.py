@@ -847,6 +847,7 @@ def plot_excess_by_group_size(result) -> go.Figure:
                  size=(900, 560))
     fig.update_xaxes(title="group size (keys in S)", dtick=1)
     fig.update_yaxes(title="excess_interaction = r - mass_interaction (ratio units)")
+    return fig
 
 
 def plot_key_estimates(keys: pd.DataFrame, *, estimates: Sequence[str] = ("grad_key", "tsg_key"),

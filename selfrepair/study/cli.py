@@ -52,6 +52,7 @@ from ..analysis import rows as analysis_modes
 from ..analysis.identity import task_hash
 from ..analysis.context import MIN_LENGTH as CONTEXT_MIN_LENGTH
 from ..analysis.self_repair import analyze_self_repair
+from ..models.facts import model_dims
 from ..models.loading import ModelLoadError, load_model
 from ..report.page import REPORT_HELP, add_report_arguments, build_report, report_main
 from .. import tasks
@@ -560,7 +561,7 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
         task = _build_task(model, args)
     lengths = getattr(args, "context_sweep", None)
     if lengths:
-        n_ctx = int(model.cfg.n_ctx)
+        _, n_ctx = model_dims(model)
         too_long = [x for x in lengths if x > n_ctx]
         if too_long or min(lengths) < CONTEXT_MIN_LENGTH:
             raise CLIError(f"--context-sweep: window lengths must lie in [{CONTEXT_MIN_LENGTH}, {n_ctx}] (the model's "

@@ -46,15 +46,12 @@ import pandas as pd
 import torch
 import torch.distributed as tdist
 
-from ..analysis.attention_row import attention_row_data
-from ..analysis.attention_rows import attention_rows_table
-from ..analysis.attribution import explain, head_attributions, token_attribution_table
+from ..analysis.attribution import head_attributions
 from ..analysis.estimates import compare_estimates, estimate_report
-from ..analysis.faithfulness import faithfulness
 from ..analysis.identity import identity_changes
 from ..analysis.results import SelfRepairResult, empty_groups
 from ..analysis.self_repair import analyze_self_repair
-from .pipeline import SWEEP_THRESHOLDS, Study, Timings, api_kwargs
+from .pipeline import SWEEP_THRESHOLDS, Study, Timings, api_kwargs, row_stages, token_tables
 from .rundir import CLIError, jsonable, read_table, settings_hash, write_json
 
 __all__ = ["Ranks", "ranks_from_env", "current_ranks", "init_process_group", "rank_device", "restart_count",
@@ -297,11 +294,8 @@ def _shard_stages(model, task, settings: dict, d: Path, ranks: Ranks, *, head_ab
         study.stage("head attributions", ["heads"], lambda: {
             "heads": head_attributions(model, sub, head_ablation=head_ablation, progress=progress)})
     if ranks.rank == stage_owner("token attributions + faithfulness", ranks.world_size):
-        def tokens_stage():
-            attrs = {m: explain(model, sub, method=m, progress=progress) for m in ("grad", "gim")}
-            return {"token_attributions": token_attribution_table(model, sub, attrs),
-                    "faithfulness": faithfulness(model, sub, attrs, progress=progress)}
-        study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"], tokens_stage)
+        study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"],
+                    lambda: token_tables(model, sub, progress=progress))
     return study.resumed
 
 
@@ -342,13 +336,7 @@ def run_sharded(model, task, settings: dict, *, out: Path, head_ablation: str, a
     res_path = out / "checkpoints" / "self_repair_result.parquet"
     if merged:
         merged["result"].to_parquet(res_path)
-    if len(tabs["groups"]):
-        g = tabs["groups"]
-        g.attrs["settings"] = settings
-        tabs.update(study.stage("attention row", ["attention_row"],
-                                lambda: {"attention_row": attention_row_data(model, task, g)}))
-        tabs.update(study.stage("attention rows (report drill-down)", ["attention_rows"],
-                                lambda: {"attention_rows": attention_rows_table(model, task, g)}))
+    tabs.update(row_stages(study, model, task, tabs["groups"], settings))
     meta = SelfRepairResult.read_parquet(res_path).meta if res_path.is_file() else {}
     return {"tables": tabs, "resumed": resumed + study.resumed, "analysis_meta": meta}
 

@@ -35,7 +35,7 @@ from .rundir import CLIError, read_run_json, read_table, settings_hash, write_js
 
 EXIT_ERROR = 2
 
-__all__ = ["run_study", "Study", "Timings", "make_figures", "write_figures", "headline", "format_summary",
+__all__ = ["run_study", "token_tables", "row_stages", "Study", "Timings", "make_figures", "write_figures", "headline", "format_summary",
            "model_info", "figure_index", "what_r_is_made_of", "redraw", "api_kwargs", "is_dtype", "first_line", "FIGURES", "SWEEP_THRESHOLDS", "CONTEXT_SETTINGS", "sweep_task_for",
            "SUMMARY_THRESHOLDS"]
 
@@ -200,6 +200,28 @@ def sweep_task_for(model) -> str:
     return "code-copy" if get_tokenizer(model) is not None else "continuation-copy"
 
 
+def token_tables(model, task, *, progress: bool) -> dict:
+    """Stage 3 of the study: token attributions (grad, GIM) and their faithfulness under every protocol."""
+    attrs = {m: explain(model, task, method=m, progress=progress) for m in ("grad", "gim")}
+    return {"token_attributions": token_attribution_table(model, task, attrs),
+            "faithfulness": pd.concat([faithfulness(model, task, attrs, protocol=pr, progress=progress,
+                                                    seeds=FAITHFULNESS_SEEDS[pr]).to_frame()
+                                       for pr in PROTOCOLS], ignore_index=True)}
+
+
+def row_stages(study: "Study", model, task, groups, settings: dict) -> dict:
+    """Stages 4 and 5 (when there are groups): the attention row of figure 7 and the report's drill-down rows."""
+    if not len(groups):
+        return {}
+    g = groups
+    g.attrs["settings"] = settings
+    out = dict(study.stage("attention row", ["attention_row"],
+                           lambda: {"attention_row": attention_row_data(model, task, g)}))
+    out.update(study.stage("attention rows (report drill-down)", ["attention_rows"],
+                           lambda: {"attention_rows": attention_rows_table(model, task, g)}))
+    return out
+
+
 def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, attribution_n: int, seed: int,
               progress: bool, timings: Timings, resume: bool = False, key: Optional[dict] = None,
               context_lengths: Optional[list] = None, with_stability: bool = False) -> dict:
@@ -269,21 +291,9 @@ def run_study(model, task, settings: dict, *, out: Path, head_ablation: str, att
     tabs.update(study.stage("head attributions", ["heads"], lambda: {
         "heads": head_attributions(model, sub, head_ablation=head_ablation, progress=progress)}))
 
-    def tokens_stage():
-        attrs = {m: explain(model, sub, method=m, progress=progress) for m in ("grad", "gim")}
-        return {"token_attributions": token_attribution_table(model, sub, attrs),
-                "faithfulness": pd.concat([faithfulness(model, sub, attrs, protocol=pr, progress=progress,
-                                                        seeds=FAITHFULNESS_SEEDS[pr]).to_frame()
-                                           for pr in PROTOCOLS], ignore_index=True)}
-
-    tabs.update(study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"], tokens_stage))
-    if len(tabs["groups"]):
-        g = tabs["groups"]
-        g.attrs["settings"] = settings
-        tabs.update(study.stage("attention row", ["attention_row"],
-                                lambda: {"attention_row": attention_row_data(model, task, g)}))
-        tabs.update(study.stage("attention rows (report drill-down)", ["attention_rows"],
-                                lambda: {"attention_rows": attention_rows_table(model, task, g)}))
+    tabs.update(study.stage("token attributions + faithfulness", ["token_attributions", "faithfulness"],
+                            lambda: token_tables(model, sub, progress=progress)))
+    tabs.update(row_stages(study, model, task, tabs["groups"], settings))
     if context_lengths:
         kw = {k: v for k, v in api_kwargs(settings).items() if k in CONTEXT_SETTINGS}
         tabs.update(study.stage("context sweep", ["context_sweep"], lambda: {"context_sweep": context_sweep(

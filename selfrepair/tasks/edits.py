@@ -65,6 +65,7 @@ import torch
 # imports of existing code (re-point here when the layout changes)
 from .base import Task
 from .heldout import heldout_text
+from .tokens import right_pad
 
 __all__ = ["EDITS", "EditedTask", "edit_task", "EditError", "align_tokens"]
 
@@ -643,12 +644,7 @@ def edit_task(task: Task, model_or_tokenizer, edits: Union[str, Sequence[str]] =
     if seqs:
         pad = getattr(tok, "pad_token_id", None)
         pad = int(task.meta.get("pad_id", 0) if pad is None else pad)
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for v, s in enumerate(seqs):
-            tokens[v, :len(s)] = torch.tensor(s)
-            mask[v, :len(s)] = 1
+        tokens, mask = right_pad(seqs, pad)
         meta = {k: v for k, v in task.meta.items() if k != "per_prompt"}
         meta.update(edited_from=task.name, per_prompt={"origin": variants["origin"].tolist(),
                                                        "edit": variants["edit"].tolist()})

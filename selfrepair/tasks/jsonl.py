@@ -7,11 +7,10 @@ import warnings
 from pathlib import Path
 from typing import Union
 
-import torch
 
 from ..models.facts import model_dims
 from .base import MetricFn, Task, TaskError
-from .tokens import bos_id, encode, get_tokenizer, prepends_bos
+from .tokens import bos_id, encode, get_tokenizer, prepends_bos, right_pad
 
 __all__ = ["from_jsonl"]
 
@@ -71,12 +70,7 @@ def from_jsonl(path: Union[str, Path], model, *, prepend_bos: Union[bool, None] 
     tok = reader.tok
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None
     pad = 0 if pad is None else int(pad)
-    width = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    tokens, mask = right_pad(seqs, pad)
     task = Task(tokens, answers, wrongs, positions=positions, attention_mask=mask, metric=metric, name=path.stem,
                 meta={"source": str(path), "pad_id": pad, "prepend_bos": reader.pre,
                       "per_prompt": {"line": lines, "id": ids_meta}})

@@ -10,7 +10,8 @@ import torch
 from .._typing import Int, Tensor
 from ..models.facts import model_dims
 
-__all__ = ["get_tokenizer", "bos_id", "prepends_bos", "special_ids", "content_ids", "encode", "token_text"]
+__all__ = ["get_tokenizer", "bos_id", "prepends_bos", "special_ids", "content_ids", "encode", "token_text",
+           "right_pad"]
 
 
 def get_tokenizer(model):
@@ -100,3 +101,16 @@ def token_text(model, ids: Sequence[int], max_len: int = 10) -> list[str]:
             s = s[: max_len - 1] + "\u2026"
         out.append(s if s else f"#{i}")
     return out
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple:
+    """Token id sequences of different lengths as ``(tokens [n, width], attention_mask [n, width])``, right-padded
+    with ``pad`` (mask 1 on real tokens)."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return tokens, mask
+

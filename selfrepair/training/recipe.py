@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import tasks as T
+from ..models.facts import model_facts
 from ..tasks.heldout import HELDOUT_FILES, heldout_text
 
 SPECIAL = "<|endoftext|>"
@@ -308,7 +309,7 @@ def evaluate_model(model, *, n: int = 1024, seed: int = 12345) -> dict:
 
     ind = T.load("induction", model, n=n, seed=seed)
     seg = 20
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model_facts(model).n_layers)]
     _, cache = model.run_with_cache(ind.tokens[:64], names_filter=lambda nm: nm in names)
     q = torch.arange(seg + 1, ind.tokens.shape[1])
     scores = torch.stack([cache[nm][:, :, q, q - seg + 1].float().mean((0, 2)) for nm in names])
