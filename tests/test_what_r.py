@@ -15,6 +15,13 @@ result (docs/quantities.md "What r is made of", "Group sizes", "Intervals"), aga
 Tolerances: float64 rows of ~12 keys; ratios of local effects agree to ~1e-13 between two correct
 computations (relative 1e-9 leaves room for another CPU's summation order; a wrong key, mean or floor
 moves them by 1e-3 or more). Cosines of d_model-vectors: 1e-9 likewise.
+
+The real models here are float32 and their scores site is live, so the analysis streams: it recomputes
+each score ``q . k / sqrt(d_head)`` in float64 from the model's float32 q and k instead of reading the
+model's float32-rounded scores. The reference does the same from TransformerLens' own hook_q / hook_k
+(hook_rot_q / hook_rot_k under rotary), after checking that these scores equal the model's hooked ones
+within the rounding of a d_head-term float32 dot product, ``(d_head + 2) eps32 max_j |q| |k_j| / sqrt(d_head)``.
+So the rows are compared at 1e-9 like float64 rows.
 """
 
 from __future__ import annotations
@@ -61,6 +68,26 @@ def _hf_W_O(model, layer, head):
     return W[:, head * dh:(head + 1) * dh].T.detach().double().numpy()
 
 
+def _exact_scores(model, task, layer, hooked):
+    """q . k / sqrt(d_head) in float64 from the model's q and k hooks: [batch, head, q, k], checked against the
+    model's own (float32) scores ``hooked`` within the rounding bound of the module docstring."""
+    rot = f"blocks.{layer}.attn.hook_rot_q" in model.hook_dict
+    qn, kn = ((f"blocks.{layer}.attn.hook_rot_q", f"blocks.{layer}.attn.hook_rot_k") if rot
+              else (f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"))
+    n = int(task.lengths.max())
+    _, cache = model.run_with_cache(task.tokens[:, :n], names_filter=lambda x: x in (qn, kn))
+    q, k = cache[qn].double(), cache[kn].double()                  # [b, n, h, d], [b, n, h_kv, d]
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)       # query head h reads kv head h // group
+    d = q.shape[-1]
+    a = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    bound = (d + 2) * torch.finfo(torch.float32).eps * (
+        q.norm(dim=-1).permute(0, 2, 1)[..., None] * k.norm(dim=-1).permute(0, 2, 1)[:, :, None]).amax(-1) / math.sqrt(d)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    err = torch.where(causal, (a - hooked.double()).abs(), torch.zeros(()))
+    assert bool((err.amax(-1) <= bound).all()), float((err.amax(-1) / bound).max())
+    return a
+
+
 def _close(x, y, rtol=RTOL):
     if isinstance(y, float) and math.isnan(y):
         return math.isnan(x)
@@ -78,6 +105,7 @@ def test_columns_against_independent_computation(fixture, minc, request):
     res = analyze_self_repair(model, task, k="auto", k_max=4, min_contribution=minc, select="abs",
                               n_permutations=N_PERM, seed=3, progress=False, dtype=F64)
     g = res.groups
+    assert res.meta["streamed_batches"] > 0             # the scores were recomputed from q and k (docstring)
     assert len(g) >= 8 and len({len(k) for k in g["keys"]}) >= 2, "too few rows / sizes to test on"
     assert g["permutation_p"].notna().sum() >= 4 and (g["c_ratio"] < 0).any()
     runs = {}
@@ -85,11 +113,12 @@ def test_columns_against_independent_computation(fixture, minc, request):
     for row in rows.itertuples():
         l = row.layer
         if l not in runs:
-            runs[l] = cached_run(model, task, layers=[l], dtype=F64, keep=("scores", "values"))
-        run = runs[l]
+            run = cached_run(model, task, layers=[l], dtype=F64, keep=("scores", "values"))
+            runs[l] = run, _exact_scores(model, task, l, run.scores[l])
+        run, exact = runs[l]
         b, h, q = row.prompt, row.head, row.query
         mask = run.mask[b, q].numpy()
-        a = run.scores[l][b, h, q].numpy()
+        a = exact[b, h, q].numpy()
         v = run.values[l][b, :, h].numpy()                  # [n, d_head]
         c = v @ run.grad_z[l][b, q, h].numpy()
         keys = list(row.keys)
