@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from .._devices import model_dtype
 from .._typing import Tensor
-from ..engine.cache import StreamedRun, StreamMismatch, cached_run, can_stream, check_backend, streamed_run
+from ..engine.cache import FORWARDS, StreamedRun, StreamMismatch, cached_run, can_stream, check_backend, streamed_run
 from ..engine.edits import ZEdits, measure_z_edits, prepare_clean
 from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
@@ -187,6 +187,7 @@ def analyze_self_repair(
     seed: int = 0,
     cluster_similarity: float = 0.8,
     alpha: float = 0.05,
+    forward: str = "auto",
 ) -> SelfRepairResult:
     """Individual versus joint ablations of the k keys of largest contribution, for every row
     ``(prompt, layer, head, query)`` with at least k keys above ``min_contribution`` (docs/quantities.md, "Individual versus joint").
@@ -208,6 +209,11 @@ def analyze_self_repair(
     result does not depend on ``batch_size`` or on the other rows). ``cluster_similarity``: the cosine that joins two keys in
     ``n_clusters``. ``alpha``: the false-discovery rate of the permutation test's Benjamini-Hochberg
     correction in ``summary()`` / ``sweep()`` (docs/quantities.md, "What r is made of", "Intervals").
+    ``forward``: where q, k, v and ``dm/dz`` come from on models that stream (``engine.streamed_run``): ``"bridge"``
+    (the model's own forward and backward), ``"own"`` (our forward with a fused attention kernel: no attention
+    pattern is materialised, so long contexts fit) or ``"auto"`` (own where the bridge would hold at least
+    ``engine.cache.OWN_FORWARD_MIN_BYTES`` of attention per batch); both are checked on every batch and agree to the
+    model dtype's rounding; ``meta["own_forward_batches"]`` counts the batches of the own forward.
     Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
     """
 
@@ -218,6 +224,8 @@ def analyze_self_repair(
                               value_ablation=value_ablation, layers=layers, heads=heads, temperature=temperature,
                               batch_size=batch_size, dtype=dtype, k_max=k_max, n_permutations=n_permutations,
                               seed=seed, cluster_similarity=cluster_similarity, alpha=alpha)
+    if forward not in FORWARDS:
+        raise ValueError(f"unknown forward {forward!r}; valid: {', '.join(FORWARDS)}.")
     k = "auto" if k == "auto" else int(k)
     if exclude_bos is None:
         exclude_bos = bool((task.tokens[:, 0] == bos_id(model)).all())
@@ -249,7 +257,7 @@ def analyze_self_repair(
         starts = starts[rank::world]
     frames: List[pd.DataFrame] = []
     t_local = t_global = 0.0
-    n_resumed = n_underflow = n_streamed = 0
+    n_resumed = n_underflow = n_streamed = n_own = 0
 
     bar = tqdm(total=len(starts), desc="self-repair", unit="batch", disable=not progress)
     try:
@@ -265,11 +273,12 @@ def analyze_self_repair(
                                             value_ablation=value_ablation, global_effects=bool(global_effects),
                                             temperature=float(temperature), dtype=dtype, k_max=int(k_max),
                                             n_permutations=int(n_permutations), seed=int(seed),
-                                            cluster_similarity=float(cluster_similarity))
+                                            cluster_similarity=float(cluster_similarity), forward=forward)
                 t_local += tl
                 t_global += tg
                 n_underflow += nu["n_underflow"]
                 n_streamed += nu["streamed"]
+                n_own += nu["own_forward"]
                 if ck is not None:
                     ck.save(s, stop, df)
             else:
@@ -285,7 +294,8 @@ def analyze_self_repair(
     # n_underflow: unmasked pattern entries that underflowed to 0 and were clamped to the dtype's smallest
     # log on a pattern-site backend (docs/quantities.md, "Notation"), over the batches computed in this call
     meta.update(seconds_local=t_local, seconds_global=t_global, n_batches=len(starts), n_batches_resumed=n_resumed,
-                n_underflow=int(n_underflow), streamed_batches=int(n_streamed))
+                n_underflow=int(n_underflow), streamed_batches=int(n_streamed),
+                own_forward_batches=int(n_own))
     return SelfRepairResult(groups, settings, meta)
 
 
@@ -347,10 +357,10 @@ def _permutation_p_rows(a_r, m_r, c_r, keys, mm_r, prompts, heads, queries, leng
 
 def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k, min_contribution, select,
                    exclude_bos, threshold, min_effect, ablation, value_ablation, global_effects, temperature,
-                   dtype, k_max=8, n_permutations=200, seed=0, cluster_similarity=0.8):
+                   dtype, k_max=8, n_permutations=200, seed=0, cluster_similarity=0.8, forward="auto"):
     """Rows of one batch of prompts: cached run, selection, closed-form effects (+ global effects)."""
     t0 = time.perf_counter()
-    run = _batch_run(model, task, backend, layers, dtype)
+    run = _batch_run(model, task, backend, layers, dtype, forward)
     dev = run.metric.device
     n = run.mask.shape[1]
     f64 = torch.float64
@@ -399,7 +409,8 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
                 edits.append((bi, hi, qi, l, o.pop("z_deltas")))                               # [R, k+1, d]
             parts.append(o)
         del w
-    stats = dict(n_underflow=int(sum(run.n_underflow.values())), streamed=int(isinstance(run, StreamedRun)))
+    stats = dict(n_underflow=int(sum(run.n_underflow.values())), streamed=int(isinstance(run, StreamedRun)),
+                 own_forward=int(getattr(run, "forward", "bridge") == "own"))
     metric = run.metric
     del run
     t_local = time.perf_counter() - t0
@@ -435,13 +446,13 @@ def _no_gc():
             gc.enable()
 
 
-def _batch_run(model, task: Task, backend, layers, dtype):
+def _batch_run(model, task: Task, backend, layers, dtype, forward="auto"):
     """The activations of one batch: streamed (``engine.streamed_run``: no layer's ``[head, q, k]`` scores kept,
     recomputed from q and k per block of queries) where the backend has a live scores site whose q / k hooks
     reproduce it; today's ``cached_run`` otherwise (pattern-site backends, or a recomputation that fails its check)."""
     if can_stream(backend):
         try:
-            return streamed_run(model, task, layers=layers, dtype=dtype, backend=backend)
+            return streamed_run(model, task, layers=layers, dtype=dtype, backend=backend, forward=forward)
         except StreamMismatch as e:
             warnings.warn(f"{e} Falling back to the cached scores for this batch.", RuntimeWarning, stacklevel=3)
     return cached_run(model, task, layers=layers, dtype=dtype, backend=backend, keep=("scores", "values"))

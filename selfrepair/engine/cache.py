@@ -30,6 +30,7 @@ on exit, also on errors; the user's own hooks are left alone.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
@@ -38,8 +39,10 @@ import torch
 
 from .._devices import computing_in_float32, model_device as _model_device, model_dtype as _model_float_dtype
 from .._typing import Bool, Float, Int, Tensor
+from ..models.facts import model_facts
 from ..models.probe import resolve_backend
 from ..tasks import Task, validate_task
+from .forward import FastMismatch, FastModel, fast_support, has_user_forward_hooks
 
 
 @dataclass
@@ -321,8 +324,13 @@ class StreamedRun:
     attn_scale: float
     score_site: str = "scores"
     n_underflow: Dict[int, int] = field(default_factory=dict)
-    #: largest |recomputed - hooked| score at the checked rows, relative to the row's max |q_i| |k_j| / scale
+    #: bridge forward: largest |recomputed - hooked| score at the checked rows, relative to the row's max
+    #: |q_i| |k_j| / scale; own forward: largest |own - bridge| of q, k, v and dm/dz on the checked prefix,
+    #: relative to the bridge's largest magnitude of each
     check_error: float = 0.0
+    #: "bridge" (the model's forward and backward through hooks) or "own" (``FastModel.grad_run``, a fused
+    #: attention kernel: no attention pattern is ever materialised)
+    forward: str = "bridge"
 
     @property
     def batch(self) -> int:
@@ -361,6 +369,33 @@ def can_stream(backend) -> bool:
             and bool(getattr(backend, "attn_scale", None)))
 
 
+#: ``forward="auto"`` takes our own forward (``FastModel.grad_run``) where the bridge's forward and backward would
+#: hold at least this many bytes of attention scores and patterns for the batch (``2 n_layers batch n_heads n^2``
+#: elements): GPT-2 small, one prompt, from about 620 tokens on
+OWN_FORWARD_MIN_BYTES = 256 * 2 ** 20
+#: tokens of the prefix on which each own-forward run is checked against the bridge (q, k, v, dm/dz, metric)
+OWN_CHECK_TOKENS = 64
+FORWARDS = ("auto", "bridge", "own")
+
+
+def own_forward_support(model, backend, task: Task, *, grad_context=None) -> tuple:
+    """``(FastModel, None)`` when ``streamed_run`` can take our own forward with a fused attention kernel for this
+    model, else ``(None, reason)``: an HF GPT-2 / Llama bridge whose softmax runs in the model dtype (float32 or
+    float64 after any reduced-precision upcast), no forward hooks of the user's, no ``grad_context`` (GIM)."""
+    if grad_context is not None:
+        return None, "a grad_context (e.g. GIM) acts through the bridge's hooks"
+    facts = getattr(backend, "facts", None) or model_facts(model)
+    kind, reason = fast_support(model, facts)
+    if kind is None:
+        return None, reason
+    if has_user_forward_hooks(model):
+        return None, "the model carries forward hooks (our own forward would bypass them)"
+    fm = FastModel(model, kind, facts)
+    if not fm.use_sdpa:
+        return None, "the model's softmax is upcast (the fused kernel would not reproduce it)"
+    return fm, None
+
+
 def streamed_run(
     model,
     task: Task,
@@ -369,29 +404,70 @@ def streamed_run(
     grad_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     dtype: torch.dtype = torch.float32,
     backend=None,
+    forward: str = "auto",
+    upcast: bool = True,
 ) -> StreamedRun:
     """One forward and one backward of ``sum over prompts of m`` over ``task`` that keep no ``[head, q, k]`` tensor:
     q, k, v, ``dm/dz`` per layer (the memory of the model's own forward and backward, plus O(tokens) per layer);
     the scores are recomputed per block of queries by ``StreamedRun.score_blocks``.
 
-    The recomputation is checked on every call: at each layer the model's own scores (read at the live scores
+    ``forward``: ``"bridge"`` runs the model itself with hooks; its backward still materialises every layer's
+    attention pattern (the bridge's eager attention). ``"own"`` runs ``FastModel.grad_run`` on the model's
+    weights with ``scaled_dot_product_attention`` (flash attention: memory linear in the length, and about
+    half the bridge's time on GPT-2 small at 1,024 tokens); ``"auto"`` takes it where ``own_forward_support``
+    allows and the bridge would hold at least ``OWN_FORWARD_MIN_BYTES`` of attention for the batch.
+
+    Checks, on every call. Bridge forward: at each layer the model's own scores (read at the live scores
     hook) of each prompt's metric-position query must equal the recomputed ones within the rounding of a
     ``d_head``-term dot product in the model's dtype, ``(d_head + 2) eps max_j |q_i| |k_j| / attn_scale``; otherwise
-    ``StreamMismatch`` is raised (``analyze_self_repair`` then falls back to ``cached_run``).
+    ``StreamMismatch`` is raised (``analyze_self_repair`` then falls back to ``cached_run``). Own forward: on a
+    prefix of ``OWN_CHECK_TOKENS`` tokens of one seeded prompt, q, k, v at every layer, dm/dz and the metric (at
+    the prefix's last token) must equal the bridge's (hooks) within ``1e-9`` (float64 GPT-2), ``1e-6`` (float64
+    Llama, whose norms HF computes in float32) or ``1e-4`` (float32) of the bridge's largest magnitude, or
+    ``"auto"`` warns and takes the bridge (``"own"`` raises). The forward taken is ``run.forward``.
+    A bfloat16 / float16 model computes in float32 (``upcast``, as ``cached_run``).
     Requires ``can_stream(backend)`` (live scores site; on pattern-site backends use ``cached_run``).
     """
+    if forward not in FORWARDS:
+        raise ValueError(f"unknown forward {forward!r}; valid: {', '.join(FORWARDS)}.")
     backend = resolve_backend(model, backend)
     check_backend(backend)
     if not can_stream(backend):
         raise ValueError("streamed_run needs a live scores site and q / k hooks that reproduce it "
                          f"(backend score_site={backend.score_site!r}, score_q_hook={backend.score_q_hook!r}); "
                          "use cached_run on this model.")
-    n_layers, n_heads = backend.n_layers, backend.n_heads
+    n_layers = backend.n_layers
     layers = tuple(range(n_layers)) if layers is None else tuple(int(l) for l in layers)
     for l in layers:
         if not 0 <= l < n_layers:
             raise ValueError(f"layer {l} out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
     validate_task(task, model)
+    up = computing_in_float32(model) if upcast else contextlib.nullcontext(_model_float_dtype(model))
+    with up as run_dtype:
+        fm = None
+        if forward != "bridge":
+            fm, reason = own_forward_support(model, backend, task, grad_context=grad_context)
+            if fm is None and forward == "own":
+                raise ValueError(f"forward='own' is not available for this model: {reason}. Use 'auto' or 'bridge'.")
+            n = int(task.lengths.max())
+            held = 2 * n_layers * len(task) * backend.n_heads * n * n * torch.empty((), dtype=run_dtype).element_size()
+            if forward == "auto" and held < OWN_FORWARD_MIN_BYTES:
+                fm = None
+        if fm is not None:
+            try:
+                return _streamed_own(model, task, fm, backend, layers, dtype, run_dtype)
+            except FastMismatch as e:
+                if forward == "own":
+                    raise ValueError(f"forward='own': our forward disagrees with the model's own ({e}); "
+                                     "use forward='auto' or 'bridge'.") from None
+                warnings.warn(f"selfrepair.engine: our own forward disagrees with the model's ({e}); "
+                              "streaming through the bridge instead.", RuntimeWarning, stacklevel=2)
+        return _streamed_bridge(model, task, backend, layers, grad_context, dtype)
+
+
+def _streamed_bridge(model, task: Task, backend, layers: tuple, grad_context, dtype) -> StreamedRun:
+    """``streamed_run`` through the model's own forward and backward (hooks)."""
+    n_heads = backend.n_heads
     n = int(task.lengths.max())
     device = _model_device(model)
     tokens = task.tokens[:, :n].to(device)
@@ -473,3 +549,84 @@ def _check_recomputed(run: StreamedRun, hooked: Dict[int, Tensor], model_dtype: 
                 f"max|q||k|/scale (allowed {(d_head + 2) * eps:.3g}, the rounding of a {d_head}-term dot product in "
                 f"{str(model_dtype).replace('torch.', '')}).")
     return worst
+
+
+def _check_prefix_rows(task: Task) -> int:
+    """The prompt whose prefix checks our own forward: drawn with a seed taken from the task's tokens."""
+    seed = int(task.tokens.to(torch.int64).sum()) * 1000003 + len(task)
+    return int(torch.randint(len(task), (1,), generator=torch.Generator().manual_seed(seed % (2 ** 63))))
+
+
+def _streamed_own(model, task: Task, fm: FastModel, backend, layers: tuple, dtype, run_dtype) -> StreamedRun:
+    """``streamed_run`` through ``FastModel.grad_run`` (see streamed_run), checked against the bridge on a prefix."""
+    n_heads = backend.n_heads
+    n = int(task.lengths.max())
+    device = _model_device(model)
+    tokens = task.tokens[:, :n].to(device)
+    positions = task.positions.to(device)
+    out = fm.grad_run(tokens, positions, lambda lg: task.metric_fn(lg, None), layers)
+    # the check: one seeded prompt's first OWN_CHECK_TOKENS tokens through our forward and the bridge's, the metric
+    # of that prompt read at the prefix's last token (causal: the prefix's activations are those of the whole run)
+    i = _check_prefix_rows(task)
+    t = min(OWN_CHECK_TOKENS, int(task.lengths[i]))
+    pre = tokens[i:i + 1, :t]
+    pos = torch.tensor([t - 1], device=device)
+    idx = torch.tensor([i])
+    mine = fm.grad_run(pre, pos, lambda lg: task.metric_fn(lg, idx), range(backend.n_layers))
+    ref = _bridge_prefix(model, backend, pre, lambda lg: task.metric_fn(lg[:, t - 1], idx))
+    tol = {torch.float64: 1e-9 if fm.kind == "gpt2" else 1e-6}.get(run_dtype, 1e-4)
+    worst = 0.0
+    for what in ("q", "k", "v", "grad_z"):
+        for l in range(backend.n_layers):
+            a, b = mine[what][l].double(), ref[what][l].double()
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            err = float((a - b).abs().max()) / max(scale, torch.finfo(torch.float64).tiny) if b.numel() else 0.0
+            worst = max(worst, err)
+            if not err <= tol:
+                raise FastMismatch(f"{what} at layer {l} differs from the bridge's by {err:.3g} of its largest "
+                                   f"magnitude (allowed {tol:g}) on a {t}-token prefix")
+    m_err = float((mine["metric"].double() - ref["metric"].double()).abs().max())
+    if not m_err <= tol * (float(ref["metric"].double().abs().max()) + 1.0):
+        raise FastMismatch(f"the metric differs from the bridge's by {m_err:.3g} on a {t}-token prefix")
+    values = {l: expand_kv(out["v"][l].to(dtype), n_heads, backend.kv_head_of) for l in layers}
+    run = StreamedRun(layers=layers, q={l: out["q"][l].to(dtype) for l in layers},
+                      k={l: out["k"][l].to(dtype) for l in layers}, values=values,
+                      grad_z={l: out["grad_z"][l].to(dtype) for l in layers}, metric=out["metric"].to(dtype),
+                      mask=key_mask(task, n).to(device), lengths=task.lengths.to(device), positions=positions,
+                      n_heads=n_heads, n_kv_heads=backend.n_kv_heads, kv_head_of=tuple(backend.kv_head_of),
+                      attn_scale=float(backend.attn_scale), check_error=worst, forward="own")
+    return run
+
+
+def _bridge_prefix(model, backend, tokens: Tensor, metric: Callable[[Tensor], Tensor]) -> dict:
+    """q, k, v (at the score q / k hooks and hook_v) and dm/dz of every layer and the metric, through the model's
+    own forward and backward with hooks: the reference of ``_streamed_own``'s check."""
+    L = backend.n_layers
+    out: Dict[str, Dict[int, Tensor]] = {"q": {}, "k": {}, "v": {}}
+    z_live: Dict[int, Tensor] = {}
+
+    def save(kind: str, layer: int):
+        def fn(x, hook):
+            out[kind][layer] = x.detach().clone()
+        return fn
+
+    def save_z(layer: int):
+        def fn(x, hook):
+            y = x.detach().clone().requires_grad_(True) if not x.requires_grad else x.clone()
+            z_live[layer] = y
+            return y
+        return fn
+
+    fwd = []
+    for l in range(L):
+        fwd += [(backend.hook(backend.score_q_hook, l), save("q", l)), (backend.hook(backend.score_k_hook, l), save("k", l)),
+                (backend.hook(backend.v_hook, l), save("v", l)), (backend.hook(backend.z_hook, l), save_z(l))]
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+        logits = model(tokens)
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        m = metric(logits)
+        grads = torch.autograd.grad(m.sum(), [z_live[l] for l in range(L)], allow_unused=True)
+    out["grad_z"] = {l: (torch.zeros_like(z_live[l]) if g is None else g.detach()) for l, g in zip(range(L), grads)}
+    out["metric"] = m.detach()
+    return out

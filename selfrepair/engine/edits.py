@@ -119,7 +119,7 @@ from .._typing import Float, Int, Tensor
 from ..models.facts import ModelFacts, model_facts
 from ..tasks import Task, validate_task
 from .._deprecation import renamed_keyword
-from .forward import FastMismatch, FastModel, fast_support
+from .forward import FastMismatch, FastModel, fast_support, has_user_forward_hooks
 
 __all__ = ["ZEdits", "CleanRun", "EditRun", "prepare_clean", "measure_z_edits", "run_z_edits", "replace_z", "flops",
            "MEMORY_BUDGET", "CLEAN_BUDGET", "PATHS"]
@@ -200,14 +200,6 @@ class ZEdits:
 # --------------------------------------------------------------------------- model facts
 
 
-def _has_user_fwd_hooks(model) -> bool:
-    try:
-        hd = model.hook_dict
-    except Exception:
-        return False
-    return any(len(getattr(hp, "fwd_hooks", []) or []) > 0 for hp in hd.values())
-
-
 # --------------------------------------------------------------------------- fast path: our own forward
 
 
@@ -249,7 +241,7 @@ def prepare_clean(model, task: Task, *, path: str = "auto", batch_size: Optional
     dims = model_facts(model)
     validate_task(task, model)
     kind, reason = fast_support(model, dims)
-    if kind is not None and path != "hooks" and _has_user_fwd_hooks(model):
+    if kind is not None and path != "hooks" and has_user_forward_hooks(model):
         kind, reason = None, "the model carries forward hooks (the fast path would bypass them)"
     if path == "hooks":
         kind, reason = None, "path='hooks' requested"
@@ -528,7 +520,7 @@ def run_z_edits(model, task: Task, edits: ZEdits, *, edits_per_forward: Optional
         clean = prepare_clean(model, task, path=path)
     else:
         clean.check(model, task)
-        if clean.path == "fast" and _has_user_fwd_hooks(model):
+        if clean.path == "fast" and has_user_forward_hooks(model):
             if path == "fast":
                 raise ValueError("the model carries forward hooks, which the fast path would bypass; remove them "
                                  "or use path='auto' / 'hooks'.")

@@ -7,16 +7,16 @@ module holds the forward it runs (norms, q/k/v, attention, MLP, unembedding) and
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .._devices import is_split, model_devices
-from .._typing import Tensor
+from .._typing import Int, Tensor
 from ..models.facts import ModelFacts
 
-__all__ = ["FastModel", "FastMismatch", "fast_support"]
+__all__ = ["FastModel", "FastMismatch", "fast_support", "has_user_forward_hooks"]
 
 
 def _orig(component):
@@ -209,6 +209,49 @@ class FastModel:
     def final_logits(self, h: Tensor) -> Tensor:
         return self.unembed(self.ln_f(h))
 
+    # --- forward + backward of the metric with a fused attention kernel (the streaming analysis)
+    def grad_run(self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch"],
+                 metric: Callable[[Tensor], Tensor], layers: Sequence[int]) -> dict:
+        """One forward and one backward of ``sum over prompts of metric(logits at positions)`` that never
+        materialises an attention pattern: causal ``scaled_dot_product_attention`` (flash attention on CPU
+        and CUDA), logits only at the metric positions. Returns, for ``layers``, the (rotated) queries
+        ``q [batch, pos, head, d_head]``, keys and values ``[batch, pos, kv_head, d_head]``, ``grad_z`` =
+        ``dm/dz [batch, pos, head, d_head]`` and the ``metric [batch]``, all detached. Requires
+        ``use_sdpa`` (the bridge's softmax runs in the model dtype); causal masking only, as the bridge is
+        called with the tokens alone (padding sits after each prompt's real tokens)."""
+        if not self.use_sdpa:
+            raise ValueError("grad_run needs the softmax in the model dtype (use_sdpa); this model upcasts it.")
+        D = self.dims
+        want = set(int(l) for l in layers)
+        rep = D.n_heads // D.n_kv_heads
+        out: Dict[str, Dict[int, Tensor]] = {"q": {}, "k": {}, "v": {}}
+        zs: Dict[int, Tensor] = {}
+        with torch.enable_grad():
+            h = self.embed(tokens)
+            if not h.requires_grad:                 # frozen weights: dm/dz must still be defined
+                h = h.detach().requires_grad_(True)
+            for l in range(D.n_layers):
+                blk = self.blocks[l]
+                q, k, v = self.qkv(l, blk["ln1"](h), 0)
+                if l in want:
+                    out["q"][l], out["k"][l], out["v"][l] = q.detach(), k.detach(), v.detach()
+                kk, vv = (k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)) if rep > 1 else (k, v)
+                z = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                                   is_causal=True, scale=blk["scale"]).transpose(1, 2)
+                zs[l] = z
+                h = h + blk["o"](z.flatten(-2))
+                h = h + self.mlp(l, blk["ln2"](h))
+            rows = torch.arange(tokens.shape[0], device=h.device)
+            logits = self.final_logits(h[rows, positions.to(h.device)])
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()
+            m = metric(logits)
+            order = sorted(want)
+            grads = torch.autograd.grad(m.sum(), [zs[l] for l in order], allow_unused=True)
+        out["grad_z"] = {l: (torch.zeros_like(zs[l]) if g is None else g).detach() for l, g in zip(order, grads)}
+        out["metric"] = m.detach()
+        return out
+
     # --- clean forward over whole prompts (caches everything the partial forwards need)
     def clean_forward(self, tokens: Tensor):
         D = self.dims
@@ -250,6 +293,15 @@ def _fast_act(act):
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
+
+
+def has_user_forward_hooks(model) -> bool:
+    """Whether any hook point of the model carries a forward hook (our own forward would bypass it)."""
+    try:
+        hd = model.hook_dict
+    except Exception:
+        return False
+    return any(len(getattr(hp, "fwd_hooks", []) or []) > 0 for hp in hd.values())
 
 
 def fast_support(model, dims: ModelFacts):
