@@ -397,7 +397,7 @@ def score_ablation_deltas(run, abl: Ablations, chunk: int = 256) -> torch.Tensor
             keys = abl.keys[r].to(dev)
             sel = (torch.arange(m.shape[1], device=dev)[None, None, :] == keys[:, :, None]).any(1)  # -1 pads: none
             p = ablated_pattern(a, m, torch.zeros_like(sel))                      # the clean row
-            p2 = ablated_pattern(a, m, sel, ablation="mean")                     # docs/quantities.md, "Local effects": mean score ablation
+            p2 = ablated_pattern(a, m, sel, score_ablation="mean")                     # docs/quantities.md, "Local effects": mean score ablation
             out[r.to(dev)] = torch.einsum("rn,rnd->rd", p2 - p, v)
     return out
 

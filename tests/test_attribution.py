@@ -261,7 +261,7 @@ def _measured_atol(model, task) -> float:
 def test_head_attributions_against_brute_force(llama_bridge64, ablation):
     model = llama_bridge64
     task = rand_task(model, b=4, n=8)  # padded: "mean" averages over all real positions
-    df = head_attributions(model, task, ablation=ablation, per_prompt=True)
+    df = head_attributions(model, task, head_ablation=ablation, per_prompt=True)
     b = selfrepair.probe(model)
     z, gz = _z_and_grad(model, task)
     _, gz_gim = _z_and_grad(model, task, gim(model))
@@ -291,7 +291,7 @@ def test_head_attributions_against_brute_force(llama_bridge64, ablation):
             elif h == 0:
                 frozen = _brute_head(model, task, l, h, value, freeze={lp: pats[lp] for lp in range(l + 1, b.n_layers)})
                 np.testing.assert_allclose(rows.measured_frozen_qk, frozen, rtol=1e-6, atol=meas_atol)
-    agg = head_attributions(model, task, ablation=ablation)
+    agg = head_attributions(model, task, head_ablation=ablation)
     assert len(agg) == b.n_layers * b.n_heads
     m = df.groupby(["layer", "head"]).measured.mean().to_numpy()
     np.testing.assert_allclose(agg.measured.to_numpy(), m, rtol=1e-12)
@@ -310,7 +310,7 @@ def test_head_attributions_equal_length_mean_is_per_position(gpt2_bridge64):
     rows = df[(df.layer == l) & (df["head"] == h)].sort_values("prompt")
     np.testing.assert_allclose(rows.measured, want, rtol=1e-6, atol=_measured_atol(model, task))
     with pytest.raises(ValueError, match="mean, zero"):
-        head_attributions(model, task, ablation="resample")
+        head_attributions(model, task, head_ablation="resample")
 
 
 # ----------------------------------------------------------------------------- compare estimates

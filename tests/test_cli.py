@@ -130,8 +130,9 @@ def test_analyze_options_are_the_api_signature(capsys):
     from selfrepair.analysis import analyze_self_repair
 
     # shard=(rank, world_size) is set by each torchrun rank (selfrepair.study.distributed), not a flag
+    # (``**deprecated``: old keyword names, ``ablation=``, are not flags; --ablation is an alias of --score-ablation)
     params = [p for p in inspect.signature(analyze_self_repair).parameters.values()
-              if p.name not in ("model", "task", "shard")]
+              if p.name not in ("model", "task", "shard") and p.kind is not p.VAR_KEYWORD]
     args = cli.build_parser().parse_args(["analyze"])
     for p in params:
         expected = True if p.name == "global_effects" else p.default
@@ -222,7 +223,7 @@ def test_full_run_writes_every_file_with_content(full_run):
     assert settings["global_effects"] is True and settings["k"] == 2 and settings["threshold"] == 0.1
     from selfrepair.analysis import analyze_self_repair
 
-    assert set(settings) == {p for p in inspect.signature(analyze_self_repair).parameters if p not in ("model", "task", "shard")}
+    assert set(settings) == {p for p in inspect.signature(analyze_self_repair).parameters if p not in ("model", "task", "shard", "deprecated")}
     assert s["task"]["name"] == "induction" and s["task"]["n"] == 3 and s["task"]["seq_len"] == 31
     assert s["seed"] == 0 and s["head_ablation"] == "mean" and s["device"] == "cpu" and s["threads"] == 1
     assert s["attribution_n"] == 3
@@ -395,6 +396,7 @@ def test_errors_are_one_line(capsys, tmp_path, monkeypatch, shipped_model):
     # bad option values: found by argparse ...
     _usage_error(capsys, ["analyze", "--k", "two"], "--k", "expected an integer from 2 to 8 or 'auto'")
     _usage_error(capsys, ["analyze", "--ablation", "zero"], "--ablation", "knockout")
+    _usage_error(capsys, ["analyze", "--score-ablation", "zero"], "--score-ablation", "knockout")
     _usage_error(capsys, ["analyze", "--n", "0"], "--n", "positive")
     _usage_error(capsys, ["analyze", "--task", "induction", "--prompts", "x.jsonl"], "not allowed")
     # ... and by the analysis itself (the same checks as the Python API)

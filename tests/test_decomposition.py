@@ -99,7 +99,7 @@ def equal_pair_rows(R, n, seed):
 def test_mass_interaction_equals_r_whatever_the_contributions(ablation):
     a, mask, keys = equal_pair_rows(6, 9, seed=0)
     mm = mask.copy()
-    mass = D.mass_interaction(*T(a, mask, keys, mm), ablation=ablation).numpy()
+    mass = D.mass_interaction(*T(a, mask, keys, mm), score_ablation=ablation).numpy()
     g = np.random.default_rng(1)
     for trial in range(5):
         c = g.normal(size=a.shape) * 3.0
@@ -107,14 +107,14 @@ def test_mass_interaction_equals_r_whatever_the_contributions(ablation):
         r = [ref_r(a[i], mask[i], c[i], keys[i], mm[i], ablation) for i in range(6)]
         close(mass, r)
         # the permutation test sees every r_b tie with r: p = 1
-        pp = D.permutation_p(*T(a, mask, c, keys, mm), ablation=ablation, n_permutations=20, seed=trial)
+        pp = D.permutation_p(*T(a, mask, c, keys, mm), score_ablation=ablation, n_permutations=20, seed=trial)
         close(pp["permutation_p"], np.ones(6))
 
 
 @pytest.mark.parametrize("ablation,k,exclude_bos", [("mean", 2, False), ("mean", 3, True), ("knockout", 2, True)])
 def test_mass_interaction_by_a_plain_softmax_loop(ablation, k, exclude_bos):
     a, mask, c, keys, mm = random_rows(12, 10, k, seed=k, exclude_bos=exclude_bos)
-    got = D.mass_interaction(*T(a, mask, keys, mm), ablation=ablation).numpy()
+    got = D.mass_interaction(*T(a, mask, keys, mm), score_ablation=ablation).numpy()
     ref = []
     for i in range(len(a)):
         one_s = np.zeros(a.shape[1])
@@ -129,8 +129,8 @@ def test_mass_interaction_floor_is_in_mass_units():
     a = np.array([[5.0, 5.0, -10.0, -10.0, 5.0]])
     mask = np.ones_like(a, bool)
     args = T(a, mask, np.array([[2, 3]]), mask)
-    assert np.isnan(D.mass_interaction(*args, ablation="knockout").numpy()).all()
-    assert np.isfinite(D.mass_interaction(*args, ablation="knockout", min_effect=1e-12).numpy()).all()
+    assert np.isnan(D.mass_interaction(*args, score_ablation="knockout").numpy()).all()
+    assert np.isfinite(D.mass_interaction(*args, score_ablation="knockout", min_effect=1e-12).numpy()).all()
 
 
 # ----------------------------------------------------------------------------- concealment
@@ -139,7 +139,7 @@ def test_mass_interaction_floor_is_in_mass_units():
 @pytest.mark.parametrize("ablation,k,exclude_bos", [("mean", 2, False), ("mean", 3, True), ("knockout", 2, False)])
 def test_concealment_against_rerunning_the_individual_ablation(ablation, k, exclude_bos):
     a, mask, c, keys, mm = random_rows(10, 9, k, seed=10 + k, exclude_bos=exclude_bos)
-    out = {key: v.numpy() for key, v in D.concealment(*T(a, mask, c, keys, mm), ablation=ablation).items()}
+    out = {key: v.numpy() for key, v in D.concealment(*T(a, mask, c, keys, mm), score_ablation=ablation).items()}
     for i in range(len(a)):
         p = softmax(a[i], mask[i])
         rest = mask[i].copy()
@@ -184,7 +184,7 @@ def test_permutation_p_against_a_loop_over_the_explicit_permutations(ablation, e
     R, n, k, B, seed = 7, 8, 2, 40, 5
     a, mask, c, keys, mm = random_rows(R, n, k, seed=20, exclude_bos=exclude_bos)
     c[np.arange(R)[:, None], keys] = np.abs(c[np.arange(R)[:, None], keys]) + 1.0
-    out = D.permutation_p(*T(a, mask, c, keys, mm), ablation=ablation, n_permutations=B, seed=seed,
+    out = D.permutation_p(*T(a, mask, c, keys, mm), score_ablation=ablation, n_permutations=B, seed=seed,
                           exclude_bos=exclude_bos)
     u = torch.rand(R, B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).numpy()
     ref_p = []
@@ -207,7 +207,7 @@ def test_permutation_p_against_a_loop_over_the_explicit_permutations(ablation, e
     close(out["permutation_p"], ref_p)
     assert len(set(np.round(ref_p, 6))) > 3                   # the rows differ: not a constant
     # chunking the rows draws the same numbers
-    again = D.permutation_p(*T(a, mask, c, keys, mm), ablation=ablation, n_permutations=B, seed=seed,
+    again = D.permutation_p(*T(a, mask, c, keys, mm), score_ablation=ablation, n_permutations=B, seed=seed,
                             exclude_bos=exclude_bos, chunk_rows=2)
     torch.testing.assert_close(again["permutation_p"], out["permutation_p"], rtol=0, atol=0, equal_nan=True)
 
@@ -300,6 +300,6 @@ def test_bad_input_raises_one_clear_error():
         with pytest.raises(ValueError, match="cluster_similarity"):
             D.n_clusters(torch.ones(1, 2, dtype=torch.bool), vectors=torch.ones(1, 2, 3), cluster_similarity=bad)
     with pytest.raises(ValueError, match="ablation"):
-        D.mass_interaction(a, mask, keys, mm, ablation="zero")
+        D.mass_interaction(a, mask, keys, mm, score_ablation="zero")
     with pytest.raises(ValueError, match="select"):
         D.n_contributing(c, mask, select="negative")

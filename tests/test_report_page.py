@@ -127,12 +127,15 @@ def test_select_groups_caps_and_prefers_self_repairing(groups):
 def test_attention_rows_bad_input(model, groups):
     task = tasks.load("code-copy", model, n=4, seed=0)
     g = groups.copy()
-    g.attrs["settings"] = {"ablation": "mean"}
+    g.attrs["settings"] = {"score_ablation": "mean"}
     if int(g["prompt"].max()) >= 4:
         with pytest.raises(ValueError, match="pass the task the result was computed on"):
             attention_rows_table(model, task, g)
-    g.attrs["settings"] = {"ablation": "zero"}
-    with pytest.raises(ValueError, match="unknown ablation"):
+    g.attrs["settings"] = {"score_ablation": "zero"}
+    with pytest.raises(ValueError, match="unknown score_ablation 'zero'"):
+        attention_rows_table(model, task, g.iloc[:0])
+    g.attrs["settings"] = {"ablation": "zero"}  # settings written before the rename are read under the new name
+    with pytest.raises(ValueError, match="unknown score_ablation 'zero'"):
         attention_rows_table(model, task, g.iloc[:0])
 
 

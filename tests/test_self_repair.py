@@ -78,7 +78,7 @@ def test_equal_score_pair_hand_computed():
     # TSG, T = 2: s = (sqrt8 for the keys, 1 else) / (4 + 2 sqrt8); d_j = s_j (1 - 2 s_j)
     s = math.sqrt(8) / (4 + 2 * math.sqrt(8))
     assert o["tsg_estimate"].item() == pytest.approx(2 * s * (1 - 2 * s) * 2 * L8 / 3, **tol)
-    ok = local_effects(a, v, g, mask, keys, ablation="knockout")
+    ok = local_effects(a, v, g, mask, keys, score_ablation="knockout")
     assert ok["effects"][0].tolist() == pytest.approx([2 / 15, 2 / 15], **tol)
     assert ok["effect_joint"].item() == pytest.approx(0.8, **tol)
     rk, _ = interaction_ratio(ok["effects"], ok["effect_joint"], ok["contributions"])
@@ -168,7 +168,7 @@ def test_subsets_and_shapley_against_brute_force(k, ablation):
     mask = torch.ones(n, dtype=torch.bool)
     mask[9:] = False
     keys = torch.tensor([7, 2, 5, 0][:k])
-    o = local_effects(a, v, g, mask, keys, ablation=ablation)
+    o = local_effects(a, v, g, mask, keys, score_ablation=ablation)
     c = v @ g
     abar = float(a[mask].mean())
     E = {}
@@ -194,7 +194,7 @@ def test_extreme_score_gaps_stay_finite():
     """Keys 800 above the rest: the rest's p underflows even in float64; knockout must still be exact."""
     a, v, g = _row([0.0, 0.0, 800.0, 800.0, 0.0], [3.0, -1.0, 1.0, 2.0, 5.0])
     mask = torch.ones(5, dtype=torch.bool)
-    o = local_effects(a, v, g, mask, torch.tensor([2, 3]), ablation="knockout")
+    o = local_effects(a, v, g, mask, torch.tensor([2, 3]), score_ablation="knockout")
     # before: p = (1/2, 1/2) on the keys -> g.z = 1.5; after both are removed the rest is uniform: mean c = 7/3
     assert o["effect_joint"].item() == pytest.approx(1.5 - 7 / 3, abs=1e-12)
     assert o["effects"][0].tolist() == pytest.approx([1.5 - 2.0, 1.5 - 1.0], abs=1e-12)
@@ -403,7 +403,7 @@ def test_planted_model_finds_the_redundant_keys(planted):
     # knockout: the 2-key row of a 2-token prompt is analysed under mean ablation, skipped under knockout
     short = _planted_task(extra_short=True)
     gm = analyze_self_repair(planted, short, progress=False, dtype=F64).groups
-    gk = analyze_self_repair(planted, short, ablation="knockout", progress=False, dtype=F64).groups
+    gk = analyze_self_repair(planted, short, score_ablation="knockout", progress=False, dtype=F64).groups
     assert ((gm.prompt == 3) & (gm["query"] == 1)).sum() == 1
     assert (gk.prompt == 3).sum() == 0 and len(gk) == 3
     row = gm[gm.prompt == 3].iloc[0]
@@ -564,7 +564,7 @@ def test_local_and_global_effects_equal_brute_force(fixture, request):
     _check_rows(model, task, res, 4, *tol)
     for ab, eb in (("knockout", False), ("mean", True)):
         r2 = analyze_self_repair(model, task, min_contribution=0.0, select="abs", layers=layers[-1:], heads=[1],
-                                 ablation=ab, exclude_bos=eb, global_effects=True, progress=False, dtype=F64)
+                                 score_ablation=ab, exclude_bos=eb, global_effects=True, progress=False, dtype=F64)
         _check_rows(model, task, r2, 2, *tol, ablation=ab, exclude_bos=eb)
         assert (r2.groups["keys"].map(lambda t: 0 not in t)).all() if eb else True
 
@@ -715,7 +715,7 @@ def test_parquet_round_trip(planted, tmp_path):
     assert b"selfrepair" in kv
     assert set(back.meta["versions"]) >= {"selfrepair", "transformer_lens", "torch"}
     assert back.meta["task_name"] == "planted" and back.meta["task_size"] == 4 and back.meta["model_hash"]
-    assert back.settings["ablation"] == "mean" and back.settings["layers"] == [0]
+    assert back.settings["score_ablation"] == "mean" and back.settings["layers"] == [0]
     assert not list(tmp_path.glob("*.tmp"))                    # atomic write leaves no temp file
     info = SR.read_result_info(path)                           # the footer alone
     assert info["settings"] == res.settings and info["meta"] == res.meta
@@ -768,8 +768,8 @@ def test_bad_arguments(gpt2_bridge, monkeypatch):
             run(k=k)
     with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
         run(threshold=-0.1)
-    with pytest.raises(ValueError, match="unknown ablation 'zero'; valid: 'mean', 'knockout'"):
-        run(ablation="zero")
+    with pytest.raises(ValueError, match="unknown score_ablation 'zero'; valid: 'mean', 'knockout'"):
+        run(score_ablation="zero")
     with pytest.raises(ValueError, match="unknown value_ablation 'knockout'; valid: 'zero', 'mean'"):
         run(value_ablation="knockout")
     with pytest.raises(ValueError, match="unknown select mode 'top'; valid: 'positive', 'abs'"):

@@ -98,7 +98,7 @@ def test_per_head_tables_match_fresh_runs(result, default_model, code_task):
             sel = g[(g["layer"] == l) & (g["head"] == hh)]
             assert row[f"sr_{col}"] == sel["self_repair"].sum()
             assert row[f"def_{col}"] == sel["interaction"].notna().sum()
-    ha = selfrepair.head_attributions(default_model, et.task, ablation="zero", per_prompt=True, frozen_qk=False)
+    ha = selfrepair.head_attributions(default_model, et.task, head_ablation="zero", per_prompt=True, frozen_qk=False)
     ha["origin"] = et.variants["origin"].to_numpy()[ha["prompt"].to_numpy()]
     want = ha.groupby(["origin", "layer", "head"])["grad_estimate"].mean().groupby(["layer", "head"]).mean()
     got = h["grad_var"]

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._deprecation import renamed_keyword
 from ..engine.cache import cached_run
 from ..engine.kernels import ablated_pattern
 from ..tasks.tokens import token_text
@@ -56,8 +57,8 @@ def _row_scores(model, task, prompt: int, layer: int, head: int, query: int):
 
 
 def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Series] = None, *,
-                       ablation: Optional[str] = None, exclude_bos: Optional[bool] = None,
-                       min_weight: float = 0.005, max_keys: int = 40) -> pd.DataFrame:
+                       score_ablation: Optional[str] = None, exclude_bos: Optional[bool] = None,
+                       min_weight: float = 0.005, max_keys: int = 40, **deprecated) -> pd.DataFrame:
     """Attention weights of one analysed row: clean, after each individual ablation, after the joint one.
 
     Recomputed in closed form from the row's scores (one forward pass of that
@@ -69,10 +70,16 @@ def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Se
     condition are pooled into one "other keys" bar (at most ``max_keys`` keys
     are shown, the ablated ones always).
 
+    ``score_ablation``: ``"mean"`` or ``"knockout"``, default the result's
+    ``settings["score_ablation"]`` (the old keyword ``ablation=`` still works,
+    with a DeprecationWarning).
+
     Returns a long table: ``condition, order, position, token, weight,
     ablated, effect, global_effect`` plus the group's ``prompt, layer, head,
-    query, keys, interaction``.
+    query, keys, interaction, score_ablation``.
     """
+    score_ablation = renamed_keyword(deprecated, "ablation", "score_ablation", score_ablation, "attention_row_data",
+                                     stacklevel=3)
 
     df = groups_of(result)
     s = settings_of(result)
@@ -82,7 +89,7 @@ def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Se
         g = df.loc[int(row)]
     else:
         g = pd.Series(dict(row))
-    ablation = ablation or s.get("ablation", "mean")
+    score_ablation = score_ablation or s.get("score_ablation", "mean")
     exclude_bos = bool(s.get("exclude_bos", False)) if exclude_bos is None else bool(exclude_bos)
     p_i, l, h, q = int(g["prompt"]), int(g["layer"]), int(g["head"]), int(g["query"])
     keys = [int(k) for k in g["keys"]]
@@ -98,7 +105,7 @@ def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Se
     def ablated(S):
         sel = torch.zeros(q + 1, dtype=torch.bool)
         sel[S] = True
-        return ablated_pattern(a, everything, sel, ablation=ablation, mean_mask=mean_mask)
+        return ablated_pattern(a, everything, sel, score_ablation=score_ablation, mean_mask=mean_mask)
 
     effects = list(np.asarray(g.get("effects", [np.nan] * len(keys)), dtype=float))
     geff = list(np.asarray(g["global_effects"], dtype=float)) if "global_effects" in g and g["global_effects"] is not None else [np.nan] * len(keys)
@@ -129,5 +136,5 @@ def attention_row_data(model, task, result, row: Union[None, int, Mapping, pd.Se
     out["keys"] = keys_str(keys)
     out["query_token"] = text[q]
     out["interaction"] = float(g.get("interaction", np.nan))
-    out["ablation"] = ablation
+    out["score_ablation"] = score_ablation
     return out

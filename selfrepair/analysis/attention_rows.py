@@ -26,6 +26,7 @@ import torch
 
 from ..engine.cache import cached_run
 from ..engine.kernels import ablated_pattern
+from .results import canonical_settings
 from ..tasks.tokens import token_text
 
 __all__ = ["attention_rows_table", "select_groups", "ATTENTION_ROWS_COLUMNS"]
@@ -33,7 +34,7 @@ __all__ = ["attention_rows_table", "select_groups", "ATTENTION_ROWS_COLUMNS"]
 #: the columns of :func:`attention_rows_table`, in order
 ATTENTION_ROWS_COLUMNS = ("group", "prompt", "layer", "head", "query", "keys", "tokens", "clean", "individual",
                           "joint", "effects", "effect_joint", "interaction", "global_effects",
-                          "global_effect_joint", "ablation", "exclude_bos")
+                          "global_effect_joint", "score_ablation", "exclude_bos")
 
 
 def _groups_and_settings(result) -> tuple[pd.DataFrame, dict]:
@@ -45,7 +46,7 @@ def _groups_and_settings(result) -> tuple[pd.DataFrame, dict]:
     settings: dict = {}
     for src in (getattr(result, "settings", None), g.attrs.get("settings"), g.attrs.get("meta")):
         if isinstance(src, Mapping):
-            settings.update(src)
+            settings.update(canonical_settings(src))
     return g, settings
 
 
@@ -78,7 +79,7 @@ def attention_rows_table(model, task, result, *, max_groups: Optional[int] = 500
     """One row per stored group: its key tokens and full pattern rows clean / per individual ablation / joint.
 
     ``result``: a :class:`~selfrepair.SelfRepairResult` or its groups DataFrame
-    (``attrs["settings"]`` carries ``ablation`` and ``exclude_bos``; defaults
+    (``attrs["settings"]`` carries ``score_ablation`` and ``exclude_bos``; defaults
     ``"mean"`` and False, as in :func:`selfrepair.analyze_self_repair`).
     ``task``: the task the result was computed on. ``max_groups``: at most this
     many groups (chosen by :func:`select_groups`; None for all).
@@ -89,13 +90,13 @@ def attention_rows_table(model, task, result, *, max_groups: Optional[int] = 500
     ``query + 1``), ``individual`` (one pattern row per key of ``keys``, after
     ablating that key alone), ``joint`` (after ablating all of them), the
     group's measured ``effects, effect_joint, interaction, global_effects,
-    global_effect_joint`` (NaN where not measured), ``ablation, exclude_bos``.
+    global_effect_joint`` (NaN where not measured), ``score_ablation, exclude_bos``.
     Lists are plain Python lists of float64 values.
     """
     groups, s = _groups_and_settings(result)
-    ablation = s.get("ablation", "mean")
-    if ablation not in ("mean", "knockout"):
-        raise ValueError(f"attention_rows_table: unknown ablation {ablation!r}; valid: 'mean', 'knockout'")
+    score_ablation = s.get("score_ablation", "mean")
+    if score_ablation not in ("mean", "knockout"):
+        raise ValueError(f"attention_rows_table: unknown score_ablation {score_ablation!r}; valid: 'mean', 'knockout'")
     exclude_bos = bool(s.get("exclude_bos", False))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -131,7 +132,7 @@ def attention_rows_table(model, task, result, *, max_groups: Optional[int] = 500
             def pattern(S):
                 ablated = torch.zeros(q + 1, dtype=torch.bool)
                 ablated[S] = True
-                return ablated_pattern(a, row_mask, ablated, ablation=ablation, mean_mask=mean_mask).tolist()
+                return ablated_pattern(a, row_mask, ablated, score_ablation=score_ablation, mean_mask=mean_mask).tolist()
 
             gd = g._asdict()
             k = len(keys)
@@ -142,7 +143,7 @@ def attention_rows_table(model, task, result, *, max_groups: Optional[int] = 500
                 interaction=float(gd.get("interaction", np.nan)),
                 global_effects=_num_list(gd.get("global_effects"), k),
                 global_effect_joint=float(gd.get("global_effect_joint", np.nan)),
-                ablation=ablation, exclude_bos=exclude_bos)
+                score_ablation=score_ablation, exclude_bos=exclude_bos)
     out = pd.DataFrame([rows[int(i)] for i in pos], columns=list(ATTENTION_ROWS_COLUMNS))
     out.attrs["max_groups"] = max_groups
     out.attrs["n_groups"] = len(groups)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from .._io import atomic_write
 from .identity import identity_diff
-from .results import RESULT_FORMAT, json_default, read_parquet_table, write_parquet_table
+from .results import RESULT_FORMAT, canonical_settings, json_default, read_parquet_table, write_parquet_table
 
 __all__ = ["BatchCheckpoint"]
 
@@ -41,6 +41,8 @@ class BatchCheckpoint:
                 raise ValueError(f"checkpoint identity {f} is damaged ({_first_line(e)}); its batches cannot be "
                                  f"trusted: remove the folder {d} (they are recomputed) or use another "
                                  "checkpoint_dir (selfrepair analyze: --force starts the run over).") from e
+            if isinstance(old, dict) and isinstance(old.get("settings"), dict):  # written before a rename
+                old["settings"] = canonical_settings(old["settings"])
             if old != json.loads(json.dumps(ident)):
                 what = identity_diff(old, ident)
                 raise ValueError(

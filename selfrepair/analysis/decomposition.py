@@ -4,9 +4,9 @@ geometry versus redundancy" and "Group sizes").
 Closed form, batched over rows, float64, on the row representation of the self-repair kernel
 (``row_effects``): per row (one prompt, head and query) ``a [R, n]`` the scores, ``mask [R, n]`` the
 unmasked keys, ``c [R, n] = g . v_j``, ``keys [R, k]`` the group S, ``mean_mask [R, n]`` the keys that
-enter the score mean (the unmasked keys, key 0 left out under ``exclude_bos``), ``ablation``
-``"mean"`` or ``"knockout"`` (rows with no more than k unmasked keys must not be passed under
-knockout, as in the analysis). Local effects are ``E(p') = sum_j (p_j - p'_j) c_j``; the floor of a
+enter the score mean (the unmasked keys, key 0 left out under ``exclude_bos``), ``score_ablation``
+``"mean"`` or ``"knockout"`` (the old keyword ``ablation=`` still works, with a DeprecationWarning; rows with no
+more than k unmasked keys must not be passed under knockout, as in the analysis). Local effects are ``E(p') = sum_j (p_j - p'_j) c_j``; the floor of a
 ratio is ``max(min_effect, 0.01 sum_S |w_j|)`` with ``w_j = p_j c_j`` (SPEC "Individual versus joint").
 
 - ``mass_interaction``: r with ``c = 1_S`` (pure softmax geometry; floor with w = p, min_effect in mass units).
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from einops import rearrange, repeat
 
+from .._deprecation import renamed_keyword
 from .._typing import Bool, Float, Int, Tensor
 from .rows import interaction_ratio, row_effects
 
@@ -38,9 +39,13 @@ _F64 = torch.float64
 _BUDGET = 2 ** 22        # elements of the kernel's largest intermediate per chunk of rows
 
 
-def _check_ablation(ablation: str) -> None:
-    if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}.")
+def _score_ablation(deprecated: dict, score_ablation: str, where: str) -> str:
+    """``score_ablation``, or the deprecated ``ablation=`` of the call (with a DeprecationWarning), checked."""
+    score_ablation = renamed_keyword(deprecated, "ablation", "score_ablation", score_ablation, where, default="mean",
+                                     stacklevel=4)
+    if score_ablation not in ABLATIONS:
+        raise ValueError(f"unknown score_ablation {score_ablation!r}; valid: {', '.join(ABLATIONS)}.")
+    return score_ablation
 
 
 def _rows(a, mask, c, keys, mean_mask):
@@ -56,14 +61,14 @@ def _chunk(k: int, n: int) -> int:
     return max(1, _BUDGET // ((2 ** k) * (k + 2) + n))
 
 
-def _effects(a, mask, c, keys, mean_mask, ablation: str):
+def _effects(a, mask, c, keys, mean_mask, score_ablation: str):
     """Individual effects [R, k], joint effect [R] and contributions w_S [R, k] from the kernel, in chunks."""
     R, n = a.shape
     step = _chunk(keys.shape[1], n)
     E, ES, W = [], [], []
     for s in range(0, R, step):
         sl = slice(s, s + step)
-        o = row_effects(a[sl], mask[sl], c[sl], keys[sl], mean_mask[sl], ablation=ablation,
+        o = row_effects(a[sl], mask[sl], c[sl], keys[sl], mean_mask[sl], score_ablation=score_ablation,
                         value_ablation="zero", temperature=1.0)
         E.append(o["effects"])
         ES.append(o["effect_joint"])
@@ -81,16 +86,17 @@ def mass_interaction(
     keys: Int[Tensor, "R k"],
     mean_mask: Bool[Tensor, "R n"],
     *,
-    ablation: str = "mean",
+    score_ablation: str = "mean",
     min_effect: float = 1e-4,
+    **deprecated,
 ) -> Float[Tensor, "R"]:
     """r computed with ``c = 1_S`` (the keys of S as perfect copies, every other key silent):
     ``E_mass(S') = sum_{j in S} (p_j - p'_j)``, NaN when ``|E_mass(S)| < max(min_effect, 0.01 sum_S p_j)``
     (``min_effect`` in mass units). Depends on the scores only."""
-    _check_ablation(ablation)
+    score_ablation = _score_ablation(deprecated, score_ablation, "mass_interaction")
     a, mask, _, keys, mean_mask = _rows(a, mask, None, keys, mean_mask)
     one_s = torch.zeros_like(a).scatter_(1, keys, 1.0)
-    E, ES, W = _effects(a, mask, one_s, keys, mean_mask, ablation)
+    E, ES, W = _effects(a, mask, one_s, keys, mean_mask, score_ablation)
     return interaction_ratio(E, ES, W, min_effect)[0]
 
 
@@ -101,8 +107,9 @@ def concealment(
     keys: Int[Tensor, "R k"],
     mean_mask: Bool[Tensor, "R n"],
     *,
-    ablation: str = "mean",
+    score_ablation: str = "mean",
     min_effect: float = 1e-4,
+    **deprecated,
 ) -> Dict[str, Tensor]:
     """How much of each key's individual effect the other keys of S hide by carrying what it carries.
 
@@ -114,7 +121,7 @@ def concealment(
     ``= sum_j concealment_j / sum_j E0_j``, NaN when ``|sum_j E0_j| < max(min_effect, 0.01 sum_S |w_j|)``.
     Also returns ``effects`` E_j [R, k].
     """
-    _check_ablation(ablation)
+    score_ablation = _score_ablation(deprecated, score_ablation, "concealment")
     a, mask, c, keys, mean_mask = _rows(a, mask, c, keys, mean_mask)
     R, n = a.shape
     k = keys.shape[1]
@@ -125,7 +132,7 @@ def concealment(
     mass_rest = p_rest.sum(1)
     c_rest = torch.where(mass_rest > 0, (p_rest * torch.where(rest, c, 0.0)).sum(1) / mass_rest,
                          torch.full_like(mass_rest, float("nan")))
-    E, _, W = _effects(a, mask, c, keys, mean_mask, ablation)
+    E, _, W = _effects(a, mask, c, keys, mean_mask, score_ablation)
     # copy t of row r: the keys of S other than keys[r, t] carry c_rest
     cx = repeat(c, "r n -> r t n", t=k).clone()
     others = repeat(keys, "r s -> r t s", t=k)
@@ -137,7 +144,7 @@ def concealment(
         return repeat(x, "r ... -> (r t) ...", t=k)
 
     E0x, _, _ = _effects(flat(a), flat(mask), rearrange(cx, "r t n -> (r t) n"), flat(keys), flat(mean_mask),
-                         ablation)
+                         score_ablation)
     E0 = rearrange(E0x, "(r t) s -> r t s", t=k).diagonal(dim1=1, dim2=2)        # [R, k]
     conc = E0 - E
     tot = E0.sum(1)
@@ -146,7 +153,7 @@ def concealment(
     return {"concealment": conc, "concealment_share": share, "E0": E0, "effects": E, "c_rest": c_rest}
 
 
-def _pattern_changes(a, mask, keys, mean_mask, ablation: str):
+def _pattern_changes(a, mask, keys, mean_mask, score_ablation: str):
     """``p - p'`` [R, k + 1, n] of the individual ablations (in the order of ``keys``) and the joint one,
     and ``p_S`` [R, k], from the kernel: its head-output change ``z' - z = -sum_j (p_j - p'_j) v_j`` with
     the values ``v_j = e_j`` (the identity, d = n) is ``-(p - p')``."""
@@ -159,7 +166,8 @@ def _pattern_changes(a, mask, keys, mean_mask, ablation: str):
     dP, pK = [], []
     for s in range(0, R, step):
         sl = slice(s, s + step)
-        o = row_effects(a[sl], mask[sl], torch.zeros_like(a[sl]), keys[sl], mean_mask[sl], ablation=ablation,
+        o = row_effects(a[sl], mask[sl], torch.zeros_like(a[sl]), keys[sl], mean_mask[sl],
+                        score_ablation=score_ablation,
                         value_ablation="zero", temperature=1.0, v_keys=eye[keys[sl]], v_rest=s_rest[sl])
         dP.append(-o["z_deltas"])
         pK.append(o["p"])
@@ -175,7 +183,7 @@ def permutation_p(
     keys: Int[Tensor, "R k"],
     mean_mask: Bool[Tensor, "R n"],
     *,
-    ablation: str = "mean",
+    score_ablation: str = "mean",
     min_effect: float = 1e-4,
     n_permutations: int = 200,
     seed: int = 0,
@@ -183,6 +191,7 @@ def permutation_p(
     chunk_rows: Optional[int] = None,
     row_seeds: Optional[Sequence[int]] = None,
     row_lengths: Optional[Sequence[int]] = None,
+    **deprecated,
 ) -> Dict[str, Tensor]:
     """Permutation test of "the interaction needs these contributions" (scores and S fixed).
 
@@ -207,7 +216,7 @@ def permutation_p(
     .manual_seed(row_seeds[r]))`` (keys at or beyond ``row_lengths[r]`` must be masked), i.e. the numbers a
     call on that row alone, cut to its length, with ``seed=row_seeds[r]`` draws; the rest stays batched.
     """
-    _check_ablation(ablation)
+    score_ablation = _score_ablation(deprecated, score_ablation, "permutation_p")
     B = int(n_permutations)
     if B < 1 or B != n_permutations:
         raise ValueError(f"n_permutations must be a whole number >= 1 (got {n_permutations}); e.g. 200.")
@@ -215,9 +224,9 @@ def permutation_p(
     R, n = a.shape
     k = keys.shape[1]
     dev = a.device
-    E, ES, W = _effects(a, mask, c, keys, mean_mask, ablation)
+    E, ES, W = _effects(a, mask, c, keys, mean_mask, score_ablation)
     r = interaction_ratio(E, ES, W, min_effect)[0]
-    dP, pK = _pattern_changes(a, mask, keys, mean_mask, ablation)          # [R, k+1, n], [R, k]
+    dP, pK = _pattern_changes(a, mask, keys, mean_mask, score_ablation)          # [R, k+1, n], [R, k]
     c0 = torch.where(mask, c, torch.zeros((), dtype=_F64, device=dev))   # masked keys hold no weight
     perm_ok = mask.clone()
     if exclude_bos and n > 0:

@@ -124,7 +124,7 @@ def _gim_estimates(model, task: Task, groups: pd.DataFrame, settings: dict, gim_
     dtype = getattr(torch, str(settings.get("dtype", "float32")))
     out = np.full(len(groups), np.nan)
     per_key = [tuple(float("nan") for _ in k) for k in groups["keys"]] if len(groups) else []
-    if settings.get("ablation", "mean") != "mean" or len(groups) == 0:
+    if settings.get("score_ablation", "mean") != "mean" or len(groups) == 0:
         return out, per_key  # estimates are defined for finite (mean) ablations only
     f64 = torch.float64
     bs = settings.get("batch_size") or None
@@ -308,8 +308,8 @@ def estimate_report(groups: pd.DataFrame, result_settings: dict, *, top_frac: fl
     groups["contribution_sum"] = np.array([float(np.sum(t)) for t in groups["contributions"]], dtype=np.float64)
     if "c_ratio" not in groups.columns:
         groups["c_ratio"] = group_c_ratio(groups)
-    if result_settings.get("ablation", "mean") != "mean":
-        notes.append(f"ablation={result_settings.get('ablation')!r}: gradient estimates are defined for finite "
+    if result_settings.get("score_ablation", "mean") != "mean":
+        notes.append(f"score_ablation={result_settings.get('score_ablation')!r}: gradient estimates are defined for finite "
                      "(mean) ablations only; every gradient estimate is NaN.")
     truths = dict(TRUTHS)
     if "global_effect_joint" not in groups.columns:

@@ -20,10 +20,38 @@ from .stats import benjamini_hochberg, proportion_intervals
 
 __all__ = ["SelfRepairResult", "read_result_info", "json_default", "RESULT_FORMAT", "TUPLE_COLUMNS", "INT_COLUMNS",
            "BOOL_COLUMNS", "BASE_COLUMNS", "GLOBAL_COLUMNS", "empty_groups", "read_parquet_table", "write_parquet_table",
-           "groups_of", "settings_of", "keys_str", "overall_sweep"]
+           "groups_of", "settings_of", "keys_str", "overall_sweep", "canonical_settings", "canonical_table",
+           "RENAMED_SETTINGS"]
 
 
 RESULT_FORMAT = 1
+
+#: settings keys (and table columns) renamed since a release: old name -> new name. Results, run folders and tables
+#: written before the rename are read through :func:`canonical_settings` / :func:`canonical_table`, so readers only
+#: ever see the new names (the old keyword ``ablation=`` of the score ablation is ``score_ablation=`` now).
+RENAMED_SETTINGS = {"ablation": "score_ablation"}
+
+
+def canonical_settings(settings: Mapping) -> dict:
+    """``settings`` (a copy) with every old key of :data:`RENAMED_SETTINGS` under its new name (a new key already
+    present wins). The one place where settings of old results, checkpoints and run folders are mapped."""
+    out = dict(settings)
+    for old, new in RENAMED_SETTINGS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
+def canonical_table(df: pd.DataFrame) -> pd.DataFrame:
+    """A table read back from a run folder with its old column names (:data:`RENAMED_SETTINGS`) renamed, in
+    place; its ``attrs["settings"]`` mapped likewise."""
+    ren = {o: n for o, n in RENAMED_SETTINGS.items() if o in df.columns and n not in df.columns}
+    if ren:
+        df.rename(columns=ren, inplace=True)
+    if isinstance(df.attrs.get("settings"), Mapping):
+        df.attrs["settings"] = canonical_settings(df.attrs["settings"])
+    return df
 
 
 # column -> element type for tuple-valued columns (one entry per key of the group, largest contribution first)
@@ -77,7 +105,7 @@ class SelfRepairResult:
         return (f"SelfRepairResult({len(g)} groups, {n_def} with a defined ratio, {n_sr} self-repairing at "
                 f"threshold {self.settings.get('threshold')}; model {self.meta.get('model_name')!r}, "
                 f"task {self.meta.get('task_name')!r}, k={self.settings.get('k')}, "
-                f"ablation={self.settings.get('ablation')!r})")
+                f"score_ablation={self.settings.get('score_ablation')!r})")
 
     # ---------------------------------------------------------------- tables
 
@@ -292,7 +320,10 @@ def _parquet_info(schema, path: Path) -> dict:
     raw = (schema.metadata or {}).get(b"selfrepair")
     if raw is None:
         raise ValueError(f"{path} is not a selfrepair result (no 'selfrepair' key in its Parquet metadata).")
-    return json.loads(raw)
+    info = json.loads(raw)
+    if isinstance(info.get("settings"), Mapping):  # a result written before a rename: the new names
+        info["settings"] = canonical_settings(info["settings"])
+    return info
 
 
 def read_result_info(path: Union[str, os.PathLike]) -> dict:
@@ -370,12 +401,12 @@ def settings_of(result) -> dict:
             continue
         for src in (getattr(obj, "meta", None), getattr(obj, "settings", None)):
             if isinstance(src, Mapping):
-                out.update(src)
+                out.update(canonical_settings(src))
         attrs = getattr(obj, "attrs", None)
         if isinstance(attrs, Mapping):
             for key in ("meta", "settings"):
                 if isinstance(attrs.get(key), Mapping):
-                    out.update(attrs[key])
+                    out.update(canonical_settings(attrs[key]))
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from .._deprecation import renamed_keyword
 from .._typing import Bool, Float, Int, Tensor
 
 __all__ = ["row_effects", "local_effects", "select_keys", "interaction_ratio", "subset_bits", "shapley_matrix",
@@ -52,11 +53,12 @@ def row_effects(
     keys: Int[Tensor, "R k"],
     mean_mask: Bool[Tensor, "R n"],
     *,
-    ablation: str,
+    score_ablation: Optional[str] = None,
     value_ablation: str,
     temperature: float,
     v_keys: Optional[Float[Tensor, "R k d"]] = None,
     v_rest: Optional[Float[Tensor, "R d"]] = None,
+    **deprecated,
 ) -> Dict[str, Tensor]:
     """Local effects of every subset of ``keys`` for R rows, in closed form (float64 in, float64 out).
 
@@ -67,7 +69,13 @@ def row_effects(
     the ablated keys by ``p_j - exp(a'_j - lse')``.
     With ``v_keys`` and ``v_rest`` (the softmax-over-the-rest weighted value) also the
     z edits ``z' - z`` of the individual and joint ablations (for global effects).
+    ``score_ablation`` (required): ``"mean"`` or ``"knockout"`` (the old keyword ``ablation=`` still works, with a
+    DeprecationWarning).
     """
+    score_ablation = renamed_keyword(deprecated, "ablation", "score_ablation", score_ablation, "row_effects",
+                                     stacklevel=3)
+    if score_ablation is None:
+        raise TypeError("row_effects() missing required keyword argument 'score_ablation' ('mean' or 'knockout')")
     R, n = a.shape
     k = keys.shape[1]
     dt, dev = a.dtype, a.device
@@ -91,7 +99,7 @@ def row_effects(
     B = bits.shape[0]
     nS = bits.sum(1).to(dt)                                               # [B]
     kept = torch.where(bits[None], ninf, aK[:, None, :])                  # [R, B, k]
-    if ablation == "mean":
+    if score_ablation == "mean":
         abl = torch.where(nS[None] > 0, abar[:, None] + torch.log(nS.clamp_min(1))[None], ninf)  # [R, B]
     else:
         abl = ninf.expand(R, B)
@@ -112,7 +120,7 @@ def row_effects(
     fac_K = torch.where(bits[None], torch.zeros((), dtype=dt, device=dev), fac_K)
     E = sign * (t_rest + (fac_K * cK[:, None, :]).sum(2))
     bitsf = bits.to(dt)
-    if ablation == "mean":
+    if score_ablation == "mean":
         p_new = torch.exp(abar[:, None] - lse2)                            # new p of each ablated key
         dpK = torch.where(bits[None], pK[:, None, :] - p_new[..., None], torch.zeros((), dtype=dt, device=dev))
     else:
@@ -137,7 +145,7 @@ def row_effects(
     out["head_contribution"] = zg
 
     # gradient estimates of the score ablation (docs/quantities.md, "Gradient estimates"); NaN under knockout
-    if ablation == "mean":
+    if score_ablation == "mean":
         da = abar[:, None] - aK                                           # a'_j - a_j
         dmda = pK * (cK - zg[:, None])
         s = torch.softmax(am / temperature, 1)
@@ -184,10 +192,11 @@ def local_effects(
     mask: Bool[Tensor, "*R n"],
     keys: Int[Tensor, "*R k"],
     *,
-    ablation: str = "mean",
+    score_ablation: str = "mean",
     value_ablation: str = "zero",
     exclude_bos: bool = False,
     temperature: float = 2.0,
+    **deprecated,
 ) -> Dict[str, Tensor]:
     """Closed-form local effects for hand-built rows (one head, one query each; one row without the R axis), float64.
 
@@ -196,9 +205,12 @@ def local_effects(
     tensors keyed like the columns of ``SelfRepairResult.groups`` (``effects``,
     ``effect_joint``, ``shapley``, ``value_effects``, ``grad_estimate``, ...), plus
     ``subset_effects`` [R, 2^k] (subset ``s`` = the keys whose bit is set in ``s``) and
-    ``z_deltas`` [R, k+1, d] (z' - z of the individual ablations, then the joint one).
+    ``z_deltas`` [R, k+1, d] (z' - z of the individual ablations, then the joint one). ``score_ablation``:
+    ``"mean"`` or ``"knockout"`` (the old keyword ``ablation=`` still works, with a DeprecationWarning).
     """
-    check_mode("ablation", ablation, ABLATIONS)
+    score_ablation = renamed_keyword(deprecated, "ablation", "score_ablation", score_ablation, "local_effects",
+                                     default="mean", stacklevel=3)
+    check_mode("score_ablation", score_ablation, ABLATIONS)
     check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
     temperature = check_temperature(temperature)
     dt = torch.float64
@@ -222,7 +234,7 @@ def local_effects(
     rest = mask.clone().scatter_(1, keys, False)
     s_rest = torch.softmax(torch.where(rest, a, ninf), 1).nan_to_num(0.0)
     v_rest = torch.einsum("rn,rnd->rd", s_rest, v)
-    return row_effects(a, mask, c, keys, mean_mask, ablation=ablation, value_ablation=value_ablation,
+    return row_effects(a, mask, c, keys, mean_mask, score_ablation=score_ablation, value_ablation=value_ablation,
                         temperature=temperature, v_keys=vK, v_rest=v_rest)
 
 

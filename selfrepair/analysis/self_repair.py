@@ -8,7 +8,7 @@ contribution ``w_j = p_j c_j`` (``c_j = g . v_j``, ``g = dm/dz_i``):
   (positive = the ablation lowers the metric); individual ``E_n = E({j_n})``,
   joint ``E_S``, interaction ``r = (E_S - sum_n E_n) / E_S`` (NaN when
   ``|E_S| < max(min_effect, 0.01 sum_S |w_j|)``), ``self_repair = r > threshold``;
-- score ablation ``"mean"`` (``a'_j`` = the mean unmasked score of the original
+- score ablation (``score_ablation=``) ``"mean"`` (``a'_j`` = the mean unmasked score of the original
   row) or ``"knockout"`` (``a'_j = -inf``); value ablation ``"zero"``/``"mean"``;
 - exact Shapley values within S from the ``2^k`` local subset effects;
 - gradient estimates (plain and TSG, temperature T) of the joint score ablation;
@@ -74,6 +74,7 @@ import torch
 
 from tqdm.auto import tqdm
 
+from .._deprecation import renamed_keyword
 from .._devices import model_dtype
 from .._typing import Tensor
 from ..engine.cache import FORWARDS, StreamedRun, StreamMismatch, cached_run, can_stream, check_backend, streamed_run
@@ -105,7 +106,7 @@ def _auto_batch_size(task: Task, n_layers: int, n_heads: int, d_head: int, items
     return int(max(1, min(len(task), 64, (2 ** 28) // max(per_prompt, 1))))
 
 
-def _validate(model, task, backend, *, k, min_contribution, select, threshold, min_effect, ablation,
+def _validate(model, task, backend, *, k, min_contribution, select, threshold, min_effect, score_ablation,
               value_ablation, layers, heads, temperature, batch_size, dtype, k_max, n_permutations, seed,
               cluster_similarity, alpha):
     validate_task(task, model)    # a Task that fits the model: ids in the vocabulary, prompts within the context
@@ -134,7 +135,7 @@ def _validate(model, task, backend, *, k, min_contribution, select, threshold, m
         raise ValueError(f"min_contribution must be a finite number (metric units); got {min_contribution!r}.")
     check_temperature(temperature)
     check_mode("select mode", select, SELECT_MODES)
-    check_mode("ablation", ablation, ABLATIONS)
+    check_mode("score_ablation", score_ablation, ABLATIONS)
     check_mode("value_ablation", value_ablation, VALUE_ABLATIONS)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
@@ -171,7 +172,7 @@ def analyze_self_repair(
     exclude_bos: Optional[bool] = False,
     threshold: float = 0.1,
     min_effect: float = 1e-4,
-    ablation: str = "mean",
+    score_ablation: str = "mean",
     value_ablation: str = "zero",
     global_effects: bool = False,
     layers: Optional[Iterable[int]] = None,
@@ -188,6 +189,7 @@ def analyze_self_repair(
     cluster_similarity: float = 0.8,
     alpha: float = 0.05,
     forward: str = "auto",
+    **deprecated,
 ) -> SelfRepairResult:
     """Individual versus joint ablations of the k keys of largest contribution, for every row
     ``(prompt, layer, head, query)`` with at least k keys above ``min_contribution`` (docs/quantities.md, "Individual versus joint").
@@ -197,6 +199,8 @@ def analyze_self_repair(
     forward passes. ``checkpoint_dir``: each batch's rows are written there atomically and
     a re-run with the same settings, model and task resumes. ``dtype``: precision of the
     cached activations (float32, or float64 for exactness checks); row arithmetic is float64.
+    ``score_ablation``: ``"mean"`` or ``"knockout"`` (the old keyword ``ablation=`` still works one release, with
+    a DeprecationWarning; ``settings["score_ablation"]``); ``value_ablation``: ``"zero"`` or ``"mean"``.
     ``exclude_bos``: True / False, or None to detect it (True when every prompt starts with the model's
     BOS token), as in ``faithfulness``. ``batch_size``: prompts per batch. ``progress``: a progress bar.
     ``shard=(rank, world_size)``: only the batches ``i`` with ``i % world_size == rank`` (the batches of the
@@ -217,10 +221,12 @@ def analyze_self_repair(
     Columns of ``result.groups``: see the module docstring of ``selfrepair.analysis.self_repair``.
     """
 
+    score_ablation = renamed_keyword(deprecated, "ablation", "score_ablation", score_ablation, "analyze_self_repair",
+                                     default="mean", stacklevel=3)
     validate_task(task, model)    # before any work: a prompt beyond the model's context is refused here
     backend = resolve_backend(model)
     layers, heads = _validate(model, task, backend, k=k, min_contribution=min_contribution, select=select,
-                              threshold=threshold, min_effect=min_effect, ablation=ablation,
+                              threshold=threshold, min_effect=min_effect, score_ablation=score_ablation,
                               value_ablation=value_ablation, layers=layers, heads=heads, temperature=temperature,
                               batch_size=batch_size, dtype=dtype, k_max=k_max, n_permutations=n_permutations,
                               seed=seed, cluster_similarity=cluster_similarity, alpha=alpha)
@@ -233,7 +239,7 @@ def analyze_self_repair(
     bs = int(batch_size) if batch_size else _auto_batch_size(task, len(layers), backend.n_heads, backend.d_head,
                                                              itemsize)
     settings = dict(k=k, min_contribution=float(min_contribution), select=select, exclude_bos=bool(exclude_bos),
-                    threshold=float(threshold), min_effect=float(min_effect), ablation=ablation,
+                    threshold=float(threshold), min_effect=float(min_effect), score_ablation=score_ablation,
                     value_ablation=value_ablation, global_effects=bool(global_effects), layers=layers, heads=heads,
                     temperature=float(temperature), batch_size=bs, dtype=str(dtype).replace("torch.", ""),
                     k_max=int(k_max), n_permutations=int(n_permutations), seed=int(seed),
@@ -269,7 +275,7 @@ def analyze_self_repair(
                 df, tl, tg, nu = _analyze_batch(model, backend, sub, s, layers=layers, heads=heads, k=k,
                                             min_contribution=float(min_contribution), select=select,
                                             exclude_bos=bool(exclude_bos), threshold=float(threshold),
-                                            min_effect=float(min_effect), ablation=ablation,
+                                            min_effect=float(min_effect), score_ablation=score_ablation,
                                             value_ablation=value_ablation, global_effects=bool(global_effects),
                                             temperature=float(temperature), dtype=dtype, k_max=int(k_max),
                                             n_permutations=int(n_permutations), seed=int(seed),
@@ -344,19 +350,19 @@ def permutation_seed(seed: int, prompt: int, layer: int, head: int, query: int) 
     return int(np.random.SeedSequence([int(seed), int(prompt), int(layer), int(head), int(query)]).generate_state(1)[0])
 
 
-def _permutation_p_rows(a_r, m_r, c_r, keys, mm_r, prompts, heads, queries, lengths, layer: int, *, ablation,
+def _permutation_p_rows(a_r, m_r, c_r, keys, mm_r, prompts, heads, queries, lengths, layer: int, *, score_ablation,
                         min_effect, n_permutations, seed, exclude_bos) -> Tensor:
     """``permutation_p`` of the rows, each row on its own generator (``permutation_seed``) over its prompt's
     length (``lengths`` [R]; keys beyond it are padding), all rows in one batched call."""
     seeds = [permutation_seed(seed, p, layer, h, q) for p, h, q in zip(prompts.tolist(), heads.tolist(),
                                                                          queries.tolist())]
-    return permutation_p(a_r, m_r, c_r, keys, mm_r, ablation=ablation, min_effect=min_effect,
+    return permutation_p(a_r, m_r, c_r, keys, mm_r, score_ablation=score_ablation, min_effect=min_effect,
                          n_permutations=n_permutations, exclude_bos=exclude_bos, row_seeds=seeds,
                          row_lengths=lengths.tolist())["permutation_p"]
 
 
 def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k, min_contribution, select,
-                   exclude_bos, threshold, min_effect, ablation, value_ablation, global_effects, temperature,
+                   exclude_bos, threshold, min_effect, score_ablation, value_ablation, global_effects, temperature,
                    dtype, k_max=8, n_permutations=200, seed=0, cluster_similarity=0.8, forward="auto"):
     """Rows of one batch of prompts: cached run, selection, closed-form effects (+ global effects)."""
     t0 = time.perf_counter()
@@ -384,16 +390,16 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         m_blk, sel_blk = run.mask[:, qb, :nk], sel_mask[:, qb, :nk]
         if k == "auto":
             groups = _select_auto(w, sel_blk, row_ok, k_max=k_max, min_contribution=min_contribution,
-                                  select=select, n_unmasked=n_unmasked[:, qb], knockout=ablation == "knockout")
+                                  select=select, n_unmasked=n_unmasked[:, qb], knockout=score_ablation == "knockout")
         else:
-            if ablation == "knockout":
+            if score_ablation == "knockout":
                 row_ok = row_ok & (n_unmasked[:, qb] > k)[:, None]
             idx, keys = select_keys(w, sel_blk, row_ok, k=k, min_contribution=min_contribution, select=select)
             groups = [(idx, keys)] if idx.numel() else []
         W_O = head_output_weights(model, l).to(device=dev, dtype=f64)                            # [h, d, d_model]
         for idx, keys in groups:
             bi, hi, qb_i = idx.unbind(1)                                                         # qb_i: in the block
-            o = _group_rows(a, v, c, w, bi, hi, qb_i, keys, m_blk, sel_blk, W_O, ablation=ablation,
+            o = _group_rows(a, v, c, w, bi, hi, qb_i, keys, m_blk, sel_blk, W_O, score_ablation=score_ablation,
                             value_ablation=value_ablation, temperature=temperature, global_effects=global_effects,
                             min_contribution=min_contribution, select=select, exclude_bos=exclude_bos,
                             min_effect=min_effect, cluster_similarity=cluster_similarity)
@@ -401,7 +407,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
             pa, pm, pc, pmm = (_pad_keys(o.pop(x), n) for x in ("_a", "_m", "_c", "_mm"))      # as without blocks
             o["permutation_p"] = _permutation_p_rows(
                 pa, pm, pc, keys, pmm, bi + offset, hi, qi, run.lengths[bi], l,
-                ablation=ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
+                score_ablation=score_ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
                 exclude_bos=exclude_bos)
             o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
                      metric=run.metric[bi].to(f64))
@@ -465,7 +471,7 @@ def _score_blocks(run, layers):
             yield l, q0, a
 
 
-def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, ablation, value_ablation, temperature,
+def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, score_ablation, value_ablation, temperature,
                 global_effects, min_contribution, select, exclude_bos, min_effect, cluster_similarity):
     """The closed-form quantities of R rows of one layer whose groups all have ``keys.shape[1]`` keys."""
     f64 = torch.float64
@@ -490,7 +496,7 @@ def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, ablation, 
     res: Dict[str, List[Tensor]] = {}
     for i in range(0, R, chunk):
         sl = slice(i, i + chunk)
-        o = row_effects(a_r[sl], m_r[sl], c_r[sl], keys[sl], mm_r[sl], ablation=ablation,
+        o = row_effects(a_r[sl], m_r[sl], c_r[sl], keys[sl], mm_r[sl], score_ablation=score_ablation,
                         value_ablation=value_ablation, temperature=temperature, v_keys=vK[sl],
                         v_rest=None if v_rest is None else v_rest[sl])
         for key_, val in o.items():
@@ -498,8 +504,9 @@ def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, ablation, 
                 res.setdefault(key_, []).append(val)
     o = {key_: torch.cat(vals) for key_, vals in res.items()}
     # what r is made of (docs/quantities.md, "What r is made of") and group sizes ("Group sizes")
-    o["mass_interaction"] = mass_interaction(a_r, m_r, keys, mm_r, ablation=ablation, min_effect=min_effect)
-    cc = concealment(a_r, m_r, c_r, keys, mm_r, ablation=ablation, min_effect=min_effect)
+    o["mass_interaction"] = mass_interaction(a_r, m_r, keys, mm_r, score_ablation=score_ablation,
+                                             min_effect=min_effect)
+    cc = concealment(a_r, m_r, c_r, keys, mm_r, score_ablation=score_ablation, min_effect=min_effect)
     o["concealment"], o["concealment_share"] = cc["concealment"], cc["concealment_share"]
     o["c_ratio"] = c_ratio(c_r.gather(1, keys))
     w_r = w[bi, hi, qi]

@@ -24,7 +24,7 @@ Intervals: percentile bootstrap (95%) over prompts: the prompts are resampled
 with replacement and every quantity is recomputed from the resampled prompts
 (their original rows and all their variants). Spearman is ``stats.spearman``; the bootstrap
 draws prompts as ``stats.spearman_interval`` does.
-Head attributions use ``ablation="zero"`` by default so each prompt's estimate
+Head attributions use ``head_ablation="zero"`` by default so each prompt's estimate
 depends on that prompt only (``"mean"`` would average z over the batch, which
 differs between the original task and its variants). ``min_contribution``
 defaults to 0.1 (not ``analyze_self_repair``'s 1.0): on the shipped model's
@@ -156,7 +156,7 @@ def _head_matrix(df: pd.DataFrame, col: str, n_rows: int, L: int, H: int) -> np.
 def _analyses(model, task: Task, *, k, min_contribution, head_ablation, batch_size):
     sr = analyze_self_repair(model, task, k=k, min_contribution=min_contribution, batch_size=batch_size,
                              progress=False)
-    ha = head_attributions(model, task, ablation=head_ablation, per_prompt=True, frozen_qk=False,
+    ha = head_attributions(model, task, head_ablation=head_ablation, per_prompt=True, frozen_qk=False,
                            batch_size=batch_size, progress=False)
     ex = {m: explain(model, task, method=m, batch_size=batch_size, progress=False).double().numpy() for m in ("grad", "gim")}
     return sr.groups, ha, ex

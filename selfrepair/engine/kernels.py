@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .._deprecation import renamed_keyword
 from .._typing import Bool, Float, Tensor
 
 __all__ = ["ablated_pattern", "SCORE_ABLATIONS"]
@@ -27,18 +28,22 @@ def ablated_pattern(
     mask: Bool[Tensor, "*rows n"],
     ablated: Bool[Tensor, "*rows n"],
     *,
-    ablation: str = "mean",
+    score_ablation: str = "mean",
     mean_mask: Optional[Bool[Tensor, "*rows n"]] = None,
+    **deprecated,
 ) -> Float[Tensor, "*rows n"]:
     """The pattern of each row after the score ablation of its ``ablated`` keys (no key ablated: the clean pattern).
 
     ``scores`` may hold anything at masked keys; ``mask`` marks the unmasked keys; ``mean_mask`` (default
-    ``mask``) the keys whose scores enter the mean. Computed in the dtype of ``scores``.
+    ``mask``) the keys whose scores enter the mean; ``score_ablation``: ``"mean"`` or ``"knockout"`` (the old
+    keyword ``ablation=`` still works, with a DeprecationWarning). Computed in the dtype of ``scores``.
     """
-    if ablation not in SCORE_ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; valid: 'mean', 'knockout'.")
+    score_ablation = renamed_keyword(deprecated, "ablation", "score_ablation", score_ablation, "ablated_pattern",
+                                     default="mean", stacklevel=3)
+    if score_ablation not in SCORE_ABLATIONS:
+        raise ValueError(f"unknown score_ablation {score_ablation!r}; valid: 'mean', 'knockout'.")
     ninf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-    if ablation == "mean":
+    if score_ablation == "mean":
         mm = mask if mean_mask is None else mean_mask & mask
         fill = (scores.masked_fill(~mm, 0.0).sum(-1) / mm.sum(-1))[..., None]
     else:

@@ -574,7 +574,7 @@ def plot_attention_row(data, model=None, task=None, row=None, *, units: str = "l
     e_joint = conds["effect"].iloc[-1]
     title = (f"Softmax hands the weight over: prompt {first['prompt']}, L{first['layer']}H{first['head']}, "
              f"query {first['query']} ({first['query_token']!r}), keys {first['keys']}"
-             f"<br><sup>{first['ablation']} ablation of the scores; sum of individual effects {e_sum:.3g}, "
+             f"<br><sup>{first['score_ablation']} ablation of the scores; sum of individual effects {e_sum:.3g}, "
              f"joint {e_joint:.3g} {units}, r = {first['interaction']:.3g}</sup>")
     _base_layout(fig, title, size=(1200, 190 * nrow + 230))
     fig.update_layout(margin=dict(t=110, b=140))

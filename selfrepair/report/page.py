@@ -50,7 +50,7 @@ from plotly.offline import get_plotlyjs
 # existing code, imported only here (re-point these lines when the package layout changes)
 from .._io import atomic_write
 from .._version import __version__ as SELFREPAIR_VERSION
-from ..analysis.results import overall_sweep
+from ..analysis.results import canonical_settings, canonical_table, overall_sweep
 from . import figures as plots
 
 __all__ = [
@@ -111,7 +111,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     for c in df.columns:  # list cells come back as numpy arrays: plain tuples, as the run wrote them
         if df[c].dtype == object and len(df) and isinstance(df[c].iloc[0], np.ndarray):
             df[c] = [tuple(v.tolist()) if isinstance(v, np.ndarray) else v for v in df[c]]
-    return df
+    return canonical_table(df)  # a run written before a column rename: the new names
 
 
 def load_run(run_dir: Union[str, Path]) -> Run:
@@ -127,6 +127,8 @@ def load_run(run_dir: Union[str, Path]) -> Run:
         summary = json.loads(sp.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ReportError(f"{sp} is not valid JSON ({e}); rerun the analysis with --force") from e
+    if isinstance(summary, dict) and isinstance(summary.get("settings"), dict):  # written before a settings rename
+        summary["settings"] = canonical_settings(summary["settings"])
     tables = {}
     for p in sorted((run_dir / "tables").glob("*.parquet")):
         try:
@@ -448,7 +450,7 @@ def _register_builtin() -> None:
         "self_repair", "Self-repair inside attention", order=10,
         intro=lambda run: (f"Each group is one (prompt, layer, head, query) row with its top-{run.settings.get('k', '?')} "
                            f"keys; its interaction ratio r = (E_S - sum E_n) / E_S compares the joint score ablation "
-                           f"({run.settings.get('ablation', 'mean')}) with the individual ones; r > {run.threshold:g} "
+                           f"({run.settings.get('score_ablation', 'mean')}) with the individual ones; r > {run.threshold:g} "
                            "counts as self-repair."),
         figures=[
             FigureSpec("joint_vs_sum", lambda run: plots.plot_joint_vs_sum(run.groups(), threshold=t(run)),
@@ -616,7 +618,7 @@ def _drill_data(run: Run, scale: int = 100_000) -> Optional[dict]:
                      "individual": [rnd(x) for x in r.individual], "joint": rnd(r.joint),
                      "effects": [num(x) for x in r.effects], "effect_joint": num(r.effect_joint),
                      "interaction": num(r.interaction), "global_effects": [num(x) for x in r.global_effects],
-                     "global_effect_joint": num(r.global_effect_joint), "ablation": str(r.ablation)}
+                     "global_effect_joint": num(r.global_effect_joint), "score_ablation": str(r.score_ablation)}
     return {"tokens": tokens, "rows": rows, "units": run.units, "scale": scale}
 
 

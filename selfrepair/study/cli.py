@@ -75,7 +75,9 @@ DEFAULT_ATTRIBUTION_N = 64  # prompts for the head ranking, token attributions a
 #: analyze_self_repair arguments whose CLI default differs from the Python API's (and why)
 CLI_DEFAULTS = {"global_effects": True}  # the study compares local with global effects
 #: flag spellings that differ from ``--<name>``
-CLI_FLAGS = {"global_effects": ["--global", "--global-effects"]}
+CLI_FLAGS = {"global_effects": ["--global", "--global-effects"], "score_ablation": ["--score-ablation", "--ablation"]}
+#: old flag spellings still accepted one release, with a one-line deprecation note on stderr: old -> new
+DEPRECATED_FLAGS = {"--ablation": "--score-ablation"}
 #: analyze_self_repair arguments served by a study option of the same name (``--seed`` seeds the task's
 #: sampling, torch and the permutation test)
 SHARED_OPTIONS = ("seed",)
@@ -95,8 +97,8 @@ ANALYSIS_HELP = {
     "exclude_bos": "drop key 0 (BOS) from selection and from the means",
     "threshold": "a group self-repairs when its interaction ratio r = (E_S - sum E_n) / E_S exceeds this",
     "min_effect": "r is NaN (not counted) when |E_S| < max(min_effect, 0.01 sum |w_j|) (metric units)",
-    "ablation": "score ablation: 'mean' (a'_j = mean of the row's scores, the GIM paper's) or 'knockout' "
-                "(keys removed, rest renormalised)",
+    "score_ablation": "score ablation: 'mean' (a'_j = mean of the row's scores, the GIM paper's) or 'knockout' "
+                      "(keys removed, rest renormalised); --ablation is its deprecated old name",
     "value_ablation": "value ablation for the contrast: 'zero' or 'mean' (mean value over the row's keys)",
     "global_effects": "also measure every ablation in a real forward pass (global effects, downstream gap); "
                       "the study needs it, so it is on here (--no-global to skip)",
@@ -144,7 +146,7 @@ def _annotation_text(p: inspect.Parameter) -> str:
 
 
 #: option -> the analysis module's tuple of valid values (argparse lists them and rejects others)
-CHOICES = {"select": "SELECT_MODES", "ablation": "ABLATIONS", "value_ablation": "VALUE_ABLATIONS"}
+CHOICES = {"select": "SELECT_MODES", "score_ablation": "ABLATIONS", "value_ablation": "VALUE_ABLATIONS"}
 
 
 def _choices(name: str) -> Optional[list]:
@@ -199,7 +201,19 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
             kw["metavar"] = "DIR"
         if choices:
             kw["choices"] = choices
+        if any(f in DEPRECATED_FLAGS for f in flags):
+            kw["action"] = _StoreWithDeprecatedAlias
         g.add_argument(*flags, *[a for a in aliases if "_" in a], **kw)
+
+
+class _StoreWithDeprecatedAlias(argparse._StoreAction):
+    """``store``, with a one-line note on stderr when the option was given by a deprecated spelling."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in DEPRECATED_FLAGS:
+            print(f"selfrepair: {option_string} is deprecated and will be removed in the next release; use "
+                  f"{DEPRECATED_FLAGS[option_string]} (same meaning)", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _k_arg(text: str):
@@ -644,7 +658,7 @@ def _analyze_in(rundir, mode, args, settings, device, task_label, timings, t_sta
         write_json(out / "summary.json", summary)
     context = (f"selfrepair analyze: model {info['spec']} (sha256 {info['weights_sha256'][:12]}), task "
                f"{task_info['name']} n={task_info['n']} seq_len={task_info['seq_len']}, k={settings.get('k')}, "
-               f"{settings.get('ablation')} ablation, {timings.wall['total']:.0f} s "
+               f"{settings.get('score_ablation')} ablation, {timings.wall['total']:.0f} s "
                f"({timings.cpu['total']:.0f} s of CPU)")
     print(format_summary(h, context))
     uline = underflow_line(res["analysis_meta"] or {})

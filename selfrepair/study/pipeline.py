@@ -31,7 +31,7 @@ from ..analysis.stats import spearman_interval
 from ..models.probe import probe
 from ..tasks.tokens import get_tokenizer
 from ..report import figures as plots
-from .rundir import CLIError, read_run_json, read_table, settings_hash, write_json, write_table
+from .rundir import CLIError, accepted_hashes, read_run_json, read_table, settings_hash, write_json, write_table
 
 EXIT_ERROR = 2
 
@@ -133,6 +133,7 @@ class Study:
         self.timings = timings
         self.resume = resume
         self.key_hash = settings_hash(key if key is not None else {})
+        self.accepted = accepted_hashes(key if key is not None else {})  # also the hash before a settings rename
         self.resumed: list[str] = []
 
     def has(self, name: str) -> bool:
@@ -146,7 +147,7 @@ class Study:
         if not self.resume or not all(p.is_file() for p in paths):
             return False
         try:
-            ok = json.loads(stamp.read_text()).get("settings_sha256") == self.key_hash
+            ok = json.loads(stamp.read_text()).get("settings_sha256") in self.accepted
         except (OSError, ValueError, AttributeError):
             ok = False
         if not ok:
@@ -186,7 +187,7 @@ class Study:
 
 
 #: the analysis settings a context sweep passes on to analyze_self_repair (global effects are left out: cost)
-CONTEXT_SETTINGS = ("k", "min_contribution", "threshold", "ablation", "select", "exclude_bos", "temperature",
+CONTEXT_SETTINGS = ("k", "min_contribution", "threshold", "score_ablation", "select", "exclude_bos", "temperature",
                     "value_ablation", "dtype", "batch_size", "min_effect")
 
 

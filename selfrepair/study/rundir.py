@@ -31,8 +31,10 @@ import pandas as pd
 
 from .._io import atomic_write
 from ..analysis.identity import identity_changes, versions as package_versions
+from ..analysis.results import RENAMED_SETTINGS, canonical_settings, canonical_table
 
 __all__ = ["CLIError", "RunInUse", "RunLock", "RunDir", "open_run_dir", "attach_run_dir", "remove_run_files", "LOCK_NAME", "settings_hash",
+           "accepted_hashes",
            "write_json", "jsonable", "write_table", "read_table", "versions", "default_out",
            "prepare_run_dir", "clear_run_dir", "study_key", "resume_mismatch", "read_run_json", "RUN_FILES", "has_partial_results", "file_sha256"]
 
@@ -87,7 +89,7 @@ def read_table(tables_dir: Path, name: str):
     for c in df.columns:  # list columns come back as numpy arrays: make them tuples again (nested ones too)
         if df[c].dtype == object and len(df) and isinstance(df[c].iloc[0], np.ndarray):
             df[c] = [_tuples(v) for v in df[c]]
-    return df
+    return canonical_table(df)  # a table written before a column rename: the new names
 
 
 def _tuples(v):
@@ -357,13 +359,27 @@ def settings_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(jsonable(key), sort_keys=True).encode()).hexdigest()
 
 
+def accepted_hashes(key: dict) -> set:
+    """The stage-stamp hashes that mean "made with ``key``": ``settings_hash(key)``, and the hash of the same key
+    with its settings under their names before a rename (a run folder written then resumes without recomputing)."""
+    s = key.get("settings") if isinstance(key, dict) else None
+    hashes = {settings_hash(key)}
+    if isinstance(s, dict) and any(new in s for new in RENAMED_SETTINGS.values()):
+        back = {new: old for old, new in RENAMED_SETTINGS.items()}
+        hashes.add(settings_hash(dict(key, settings={back.get(k, k): v for k, v in s.items()})))
+    return hashes
+
+
 def read_run_json(path: Path, hint: Optional[str] = None) -> dict:
-    """A run's ``run.json`` (or ``summary.json``); a damaged file is a ``CLIError`` naming it and ``hint`` (what to
+    """A run's ``run.json`` (or ``summary.json``), its ``settings`` under their current names
+    (``analysis.results.canonical_settings``); a damaged file is a ``CLIError`` naming it and ``hint`` (what to
     do; by default: ``--force`` to start over)."""
     try:
         obj = json.loads(path.read_text())
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
+        if isinstance(obj.get("settings"), dict):
+            obj["settings"] = canonical_settings(obj["settings"])
         return obj
     except (ValueError, UnicodeDecodeError) as e:
         hint = hint or (f"the run in {path.parent} cannot be continued: pass --force to start it over "

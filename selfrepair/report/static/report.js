@@ -181,7 +181,7 @@
     layout.template = undefined;
     layout.title = { text: "prompt " + row.prompt + ", L" + row.layer + "H" + row.head + ", query " + q + " (" +
                      (tokens[q] !== undefined ? tokens[q] : "#" + q) + "), keys (" + keys.join(", ") + ")<br><sup>" +
-                     row.ablation + " ablation; sum of individual effects " +
+                     row.score_ablation + " ablation; sum of individual effects " +
                      fmt(row.effects.reduce(function (a, b) { return a + (b || 0); }, 0)) + ", joint " +
                      fmt(row.effect_joint) + " " + units + ", r = " + fmt(row.interaction) + "</sup>", x: 0.01 };
     layout.plot_bgcolor = "white";
