@@ -167,7 +167,7 @@ def test_columns_against_independent_computation(fixture, minc, request):
         n_comp, _ = connected_components((sub @ sub.T) >= 0.8, directed=False)
         assert row.n_clusters == n_comp
         # permutation_p: an explicit loop over the permutations of this row's generator
-        n_p = int(task.lengths[b])
+        n_p = min(int(task.lengths[b]), q + 1)             # the keys the query sees
         seed = int(np.random.SeedSequence([3, b, l, h, q]).generate_state(1)[0])
         u = torch.rand(1, N_PERM, n_p, dtype=F64, generator=torch.Generator().manual_seed(seed))[0].numpy()
         pos = np.nonzero(mask[:n_p])[0]                     # permutable keys (no exclude_bos)
@@ -245,11 +245,27 @@ def test_auto_round_trip_and_group_tables(gpt2_bridge64, tmp_path):
         assert row.frac_self_repair == pytest.approx((d["interaction"] > 0.1).mean(), nan_ok=True)
 
 
+def test_no_permutations_skips_only_the_test(gpt2_bridge64):
+    """n_permutations=0: permutation_p is NaN in every row and summary() flags nothing by it; every other column
+    is the very same as with the test (the test reads the rows, it changes none)."""
+    task = _task(gpt2_bridge64, seed=2)
+    kw = dict(min_contribution=0.004, select="abs", layers=[1, 2], progress=False, dtype=F64, min_effect=ME)
+    with_test = analyze_self_repair(gpt2_bridge64, task, n_permutations=10, **kw)
+    without = analyze_self_repair(gpt2_bridge64, task, n_permutations=0, **kw)
+    assert len(with_test.groups) > 10 and with_test.groups["permutation_p"].notna().any()
+    assert without.groups["permutation_p"].isna().all()
+    cols = [c for c in with_test.groups.columns if c != "permutation_p"]
+    pd.testing.assert_frame_equal(without.groups[cols], with_test.groups[cols])
+    s = without.summary()
+    assert (s["n_tested"] == 0).all() and (s["n_permutation"] == 0).all()
+    assert with_test.summary()["n_tested"].sum() > 0
+
+
 def test_bad_arguments_one_clear_error_each(gpt2_bridge):
     task = _task(gpt2_bridge)
     run = lambda **kw: analyze_self_repair(gpt2_bridge, task, progress=False, **kw)  # noqa: E731
-    cases = [(dict(n_permutations=0), "n_permutations must be an integer >= 1"),
-             (dict(n_permutations=2.5), "n_permutations must be an integer >= 1"),
+    cases = [(dict(n_permutations=-1), "n_permutations must be an integer >= 0"),
+             (dict(n_permutations=2.5), "n_permutations must be an integer >= 0"),
              (dict(cluster_similarity=1.5), r"cluster_similarity is a cosine and must lie in \[-1, 1\]"),
              (dict(cluster_similarity=float("nan")), r"cluster_similarity is a cosine"),
              (dict(k="auto", k_max=9), "k_max must be an integer from 2 to 8"),

@@ -28,7 +28,7 @@ from .._deprecation import renamed_keyword
 from .._typing import Bool, Float, Int, Tensor
 from .rows import interaction_ratio, row_effects
 
-__all__ = ["mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
+__all__ = ["similar_pairs", "n_clusters_from_pairs", "output_basis", "mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
            "n_contributing", "n_clusters", "TIE_RTOL"]
 
 ABLATIONS = ("mean", "knockout")
@@ -231,8 +231,7 @@ def permutation_p(
     perm_ok = mask.clone()
     if exclude_bos and n > 0:
         perm_ok[:, 0] = False
-    # target slots: permutable keys in ascending position first, then the fixed ones (ascending)
-    dst_all = torch.argsort((~perm_ok).to(torch.int8), dim=1, stable=True)
+    # target slots (per chunk below): permutable keys in ascending position first, then the fixed ones (ascending)
     gen = torch.Generator().manual_seed(int(seed))
     fixed_cpu = (~perm_ok).cpu()
     pos = torch.arange(n, dtype=_F64)
@@ -246,30 +245,41 @@ def permutation_p(
             raise ValueError("keys at or beyond a row's row_lengths entry must be masked.")
     ge = torch.zeros(R, dtype=torch.long, device=dev)
     n_def = torch.zeros(R, dtype=torch.long, device=dev)
+    # Keys after a row's last permutable or weighted key take no part: permutations move only permutable keys
+    # (the fixed ones sort last, in order), and keys without weight (masked: c0 = 0, dP = 0) add nothing. So
+    # each chunk works on its rows' first `width` keys only; with one generator per row the rows are taken in
+    # the order of their width (the draws do not depend on it), so that a chunk's rows have similar widths.
+    last = torch.where(perm_ok | mask, torch.arange(n, device=dev) + 1, 0).amax(1) if n else torch.zeros(R, device=dev)
+    order = torch.argsort(last, stable=True) if row_seeds is not None else torch.arange(R, device=dev)
+    width_sorted = last[order].tolist()
+    order_l = order.tolist()
     for s in range(0, R, step):
-        sl = slice(s, s + step)
-        Rc = a[sl].shape[0]
+        rows = order[s:s + step]
+        Rc = rows.shape[0]
+        W = max(1, int(max(width_sorted[s:s + step])))
         if row_seeds is None:
-            u = torch.rand(Rc, B, n, dtype=_F64, generator=gen)
+            u = torch.rand(Rc, B, n, dtype=_F64, generator=gen)[:, :, :W]
         else:
-            u = torch.zeros(Rc, B, n, dtype=_F64)                       # beyond a row's length: masked, fixed
-            for i, r_ in enumerate(range(s, s + Rc)):
-                u[i, :, :row_lengths[r_]] = torch.rand(B, row_lengths[r_], dtype=_F64,
-                                                       generator=torch.Generator().manual_seed(row_seeds[r_]))
-        u = torch.where(fixed_cpu[sl, None, :], 2.0 + pos, u).numpy()      # fixed keys sort last, in order
+            u = torch.zeros(Rc, B, W, dtype=_F64)                       # beyond a row's length: masked, fixed
+            for i, r_ in enumerate(order_l[s:s + step]):
+                L = row_lengths[r_]
+                u[i, :, :min(L, W)] = torch.rand(B, L, dtype=_F64,
+                                                 generator=torch.Generator().manual_seed(row_seeds[r_]))[:, :W]
+        rows_cpu = rows.cpu()
+        u = torch.where(fixed_cpu[rows_cpu, None, :W], 2.0 + pos[:W], u).numpy()   # fixed keys sort last, in order
         src = torch.from_numpy(np.argsort(u, axis=2)).to(dev)              # numpy's sort: ~4x torch's on CPU
-        dst = dst_all[sl, None, :].expand(Rc, B, n)
-        cb = torch.zeros(Rc, B, n, dtype=_F64, device=dev).scatter_(
-            2, dst, c0[sl, None, :].expand(Rc, B, n).gather(2, src))          # [Rc, B, n]
-        Eb = torch.einsum("rsn,rbn->rbs", dP[sl], cb)                       # [Rc, B, k+1]
-        wb = pK[sl, None, :] * cb.gather(2, keys[sl, None, :].expand(Rc, B, k))
+        dst = torch.argsort((~perm_ok[rows, :W]).to(torch.int8), dim=1, stable=True)[:, None, :].expand(Rc, B, W)
+        cb = torch.zeros(Rc, B, W, dtype=_F64, device=dev).scatter_(
+            2, dst, c0[rows, None, :W].expand(Rc, B, W).gather(2, src))       # [Rc, B, W]
+        Eb = torch.einsum("rsn,rbn->rbs", dP[rows, :, :W], cb)              # [Rc, B, k+1]
+        wb = pK[rows, None, :] * cb.gather(2, keys[rows, None, :].expand(Rc, B, k))
         rb = interaction_ratio(rearrange(Eb[..., :k], "r b k -> (r b) k"), rearrange(Eb[..., k], "r b -> (r b)"),
                                rearrange(wb, "r b k -> (r b) k"), min_effect)[0]
         rb = rearrange(rb, "(r b) -> r b", b=B)
-        r0 = r[sl, None]
+        r0 = r[rows, None]
         tol = TIE_RTOL * r0.abs().clamp_min(1.0)
-        ge[sl] = (rb >= r0 - tol).sum(1)                                   # NaN compares False
-        n_def[sl] = (~torch.isnan(rb)).sum(1)
+        ge[rows] = (rb >= r0 - tol).sum(1)                                 # NaN compares False
+        n_def[rows] = (~torch.isnan(rb)).sum(1)
     p = torch.where(torch.isnan(r), torch.full_like(r, float("nan")), (1.0 + ge.to(_F64)) / (1.0 + n_def.to(_F64)))
     return {"permutation_p": p, "interaction": r, "n_defined": n_def}
 
@@ -371,3 +381,76 @@ def n_clusters(
             lab = new
         out[sl] = (m & (lab == idx)).sum(1)
     return out
+
+
+def similar_pairs(
+    vectors: Float[Tensor, "n d"],
+    *,
+    cluster_similarity: float = 0.8,
+) -> Int[Tensor, "2 E"]:
+    """The pairs ``i < j`` of keys whose vectors' cosine is at least ``cluster_similarity`` (a zero vector joins
+    nothing), as ``[2, E]`` indices. For the head's output vectors ``v W_O`` give ``output_basis(W_O) `` applied to
+    the values: the same dot products at ``d_head`` cost."""
+    v = torch.as_tensor(vectors).to(_F64)
+    norm = v.norm(dim=1, keepdim=True)
+    ok = norm.squeeze(1) > 0
+    vn = torch.where(norm > 0, v / norm.clamp_min(torch.finfo(_F64).tiny), torch.zeros_like(v))
+    sim = vn @ vn.T
+    adj = (sim >= cluster_similarity) & ok[:, None] & ok[None, :]
+    return torch.triu(adj, diagonal=1).nonzero().T
+
+
+def n_clusters_from_pairs(
+    members: Bool[Tensor, "R n"],
+    pairs: Int[Tensor, "2 E"],
+) -> Int[Tensor, "R"]:
+    """``n_clusters`` of rows that share one set of joined pairs (e.g. the rows of one prompt and head):
+    connected components among each row's ``members`` when the pairs ``(i, j)`` with both ends members are
+    joined. Minimum-label propagation along the joined pairs with pointer jumping, all rows at once: the cost
+    is rows x pairs per round, a few rounds (the label of a label is taken each round, so long chains
+    collapse in about log2(length) rounds)."""
+    members = torch.as_tensor(members).bool()
+    R, n = members.shape
+    dev = members.device
+    size = members.sum(1)
+    if pairs.numel() == 0 or R == 0:
+        return size.to(torch.long)
+    ei, ej = pairs[0].to(dev), pairs[1].to(dev)
+    out = size.clone().to(torch.long)
+    idx = torch.arange(n + 1, device=dev)
+    step = max(1, _BUDGET // max(1, ei.numel()))
+    for s in range(0, R, step):
+        m = members[s:s + step]
+        act = m[:, ei] & m[:, ej]                                   # [r, E] joined pairs of each row
+        busy = act.any(1)
+        if not bool(busy.any()):
+            continue
+        m, act = m[busy], act[busy]
+        r = m.shape[0]
+        # labels over n + 1 slots: slot n is the sink of non-members and of inactive pairs
+        lab = torch.where(m, idx[:n], torch.full_like(idx[:n], n))
+        lab = torch.cat([lab, torch.full((r, 1), n, device=dev, dtype=lab.dtype)], 1)
+        src = torch.where(act, ei, n)
+        dst = torch.where(act, ej, n)
+        while True:
+            li, lj = lab.gather(1, src), lab.gather(1, dst)
+            lo = torch.minimum(li, lj)
+            new = lab.scatter_reduce(1, src, lo, "amin").scatter_reduce(1, dst, lo, "amin")
+            new = new.scatter_reduce(1, li, lo, "amin").scatter_reduce(1, lj, lo, "amin")   # hook the roots
+            while True:                                              # pointer jumping
+                jumped = new.gather(1, new)
+                if torch.equal(jumped, new):
+                    break
+                new = jumped
+            if torch.equal(new, lab):
+                break
+            lab = new
+        roots = (lab[:, :n] == idx[:n]) & m
+        out[s:s + step][busy] = roots.sum(1)
+    return out
+
+
+def output_basis(W_O: Float[Tensor, "d_head d_model"]) -> Float[Tensor, "d_head d_head"]:
+    """``R^T`` with ``W_O^T = Q R`` (reduced QR): ``(v R^T) . (u R^T) = (v W_O) . (u W_O)`` for any values v, u,
+    so cosines of a head's output vectors are taken on ``d_head``-dimensional vectors."""
+    return torch.linalg.qr(torch.as_tensor(W_O).to(_F64).T, mode="r").R.T

@@ -82,7 +82,8 @@ from ..engine.edits import ZEdits, measure_z_edits, prepare_clean
 from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
 from .checkpoint import BatchCheckpoint
-from .decomposition import c_ratio, concealment, mass_interaction, n_clusters, n_contributing, permutation_p, value_similarity_out
+from .decomposition import (c_ratio, concealment, mass_interaction, n_clusters_from_pairs, n_contributing, output_basis,
+                            permutation_p, similar_pairs, value_similarity_out)
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
 from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, check_temperature, interaction_ratio,
@@ -116,9 +117,9 @@ def _validate(model, task, backend, *, k, min_contribution, select, threshold, m
     if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or not 2 <= int(k_max) <= MAX_K:
         raise ValueError(f"k_max must be an integer from 2 to {MAX_K} (the largest group k='auto' analyses; exact "
                          f"Shapley values need 2^k subsets); got {k_max!r}.")
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 1:
-        raise ValueError(f"n_permutations must be an integer >= 1 (permutations of the contributions per group, "
-                         f"e.g. 200); got {n_permutations!r}.")
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 0:
+        raise ValueError(f"n_permutations must be an integer >= 0 (permutations of the contributions per group, "
+                         f"e.g. 200; 0 skips the permutation test); got {n_permutations!r}.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0 (it seeds the permutation test); got {seed!r}.")
     if (isinstance(cluster_similarity, bool) or not isinstance(cluster_similarity, (int, float, np.floating, np.integer))
@@ -208,7 +209,9 @@ def analyze_self_repair(
     the shards' groups concatenated and sorted are the whole result (``selfrepair.study.distributed``).
     ``k="auto"``: each row's group is all its contributing keys (largest w first, at most ``k_max``; rows
     with fewer than 2 are skipped), so groups of different sizes share the table (docs/quantities.md,
-    "Group sizes"). ``n_permutations`` and ``seed``: the permutation test of each group (``permutation_p``;
+    "Group sizes"). ``n_permutations`` and ``seed``: the permutation test of each group (``permutation_p``; 0 skips
+    it, leaving ``permutation_p`` NaN: it costs ``n_permutations x (query + 1)`` draws and a sort per row, the
+    largest part of the analysis on long prompts with many rows;
     each row draws from its own generator, ``permutation_seed(seed, prompt, layer, head, query)``, so the
     result does not depend on ``batch_size`` or on the other rows). ``cluster_similarity``: the cosine that joins two keys in
     ``n_clusters``. ``alpha``: the false-discovery rate of the permutation test's Benjamini-Hochberg
@@ -352,8 +355,9 @@ def permutation_seed(seed: int, prompt: int, layer: int, head: int, query: int) 
 
 def _permutation_p_rows(a_r, m_r, c_r, keys, mm_r, prompts, heads, queries, lengths, layer: int, *, score_ablation,
                         min_effect, n_permutations, seed, exclude_bos) -> Tensor:
-    """``permutation_p`` of the rows, each row on its own generator (``permutation_seed``) over its prompt's
-    length (``lengths`` [R]; keys beyond it are padding), all rows in one batched call."""
+    """``permutation_p`` of the rows, each row on its own generator (``permutation_seed``) over the keys its query
+    sees, ``min(query + 1, length)`` (``lengths`` [R], the prompts' lengths; later keys are masked), all rows in
+    one batched call."""
     seeds = [permutation_seed(seed, p, layer, h, q) for p, h, q in zip(prompts.tolist(), heads.tolist(),
                                                                          queries.tolist())]
     return permutation_p(a_r, m_r, c_r, keys, mm_r, score_ablation=score_ablation, min_effect=min_effect,
@@ -379,6 +383,7 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
         sel_mask[:, :, 0] = False
     n_unmasked = run.mask.sum(-1)                                                                # [b, q]
     parts, edits = [], []
+    pairs_layer = None
     for l, q0, a in _score_blocks(run, layers):                                                  # a [b, h, qb, nk]
         nk = a.shape[-1]
         qb = slice(q0, q0 + a.shape[2])
@@ -396,19 +401,22 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
                 row_ok = row_ok & (n_unmasked[:, qb] > k)[:, None]
             idx, keys = select_keys(w, sel_blk, row_ok, k=k, min_contribution=min_contribution, select=select)
             groups = [(idx, keys)] if idx.numel() else []
-        W_O = head_output_weights(model, l).to(device=dev, dtype=f64)                            # [h, d, d_model]
+        if l != pairs_layer:
+            W_O = head_output_weights(model, l).to(device=dev, dtype=f64)                        # [h, d, d_model]
+            pairs_of, pairs_layer = _pairs_of_layer(run.values[l], W_O, cluster_similarity), l
         for idx, keys in groups:
             bi, hi, qb_i = idx.unbind(1)                                                         # qb_i: in the block
-            o = _group_rows(a, v, c, w, bi, hi, qb_i, keys, m_blk, sel_blk, W_O, score_ablation=score_ablation,
+            o = _group_rows(a, v, c, w, bi, hi, qb_i, keys, m_blk, sel_blk, W_O, pairs_of, score_ablation=score_ablation,
                             value_ablation=value_ablation, temperature=temperature, global_effects=global_effects,
                             min_contribution=min_contribution, select=select, exclude_bos=exclude_bos,
                             min_effect=min_effect, cluster_similarity=cluster_similarity)
             qi = qb_i + q0                                                                       # query position
             pa, pm, pc, pmm = (_pad_keys(o.pop(x), n) for x in ("_a", "_m", "_c", "_mm"))      # as without blocks
             o["permutation_p"] = _permutation_p_rows(
-                pa, pm, pc, keys, pmm, bi + offset, hi, qi, run.lengths[bi], l,
+                pa, pm, pc, keys, pmm, bi + offset, hi, qi, torch.minimum(run.lengths[bi], qi + 1), l,
                 score_ablation=score_ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
-                exclude_bos=exclude_bos)
+                exclude_bos=exclude_bos) if n_permutations else torch.full((len(bi),), float("nan"), dtype=f64,
+                                                                           device=dev)
             o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
                      metric=run.metric[bi].to(f64))
             if global_effects:
@@ -471,7 +479,23 @@ def _score_blocks(run, layers):
             yield l, q0, a
 
 
-def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, score_ablation, value_ablation, temperature,
+def _pairs_of_layer(values: Tensor, W_O: Tensor, cluster_similarity: float):
+    """``pairs_of(prompt, head)``: the keys of that prompt and head joined in ``n_clusters`` (cosine of their output
+    vectors ``v W_O^h`` at least ``cluster_similarity``), from the whole layer's values, computed when first asked."""
+    cache: Dict[tuple, Tensor] = {}
+    bases: Dict[int, Tensor] = {}
+
+    def pairs_of(b: int, h: int) -> Tensor:
+        if (b, h) not in cache:
+            if h not in bases:
+                bases[h] = output_basis(W_O[h])
+            u = values[b, :, h].to(torch.float64) @ bases[h]
+            cache[(b, h)] = similar_pairs(u, cluster_similarity=cluster_similarity)
+        return cache[(b, h)]
+    return pairs_of
+
+
+def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, pairs_of, *, score_ablation, value_ablation, temperature,
                 global_effects, min_contribution, select, exclude_bos, min_effect, cluster_similarity):
     """The closed-form quantities of R rows of one layer whose groups all have ``keys.shape[1]`` keys."""
     f64 = torch.float64
@@ -516,14 +540,16 @@ def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, *, score_abla
     members = (key > min_contribution) & mm_r
     vso = torch.full((R,), float("nan"), dtype=f64, device=a_r.device)
     ncl = torch.zeros(R, dtype=torch.long, device=a_r.device)
-    step = max(1, 2 ** 22 // max(1, n * W_O.shape[-1]))
     for h in torch.unique(hi).tolist():
         rows = (hi == h).nonzero().squeeze(1)
         vso[rows] = value_similarity_out(vK[rows], W_O[h][None])
-        for i in range(0, len(rows), step):
-            rr = rows[i:i + step]
-            out_vec = torch.einsum("rnd,dm->rnm", v[bi[rr], :, h].to(f64), W_O[h])             # [r, n, d_model]
-            ncl[rr] = n_clusters(members[rr], vectors=out_vec, cluster_similarity=cluster_similarity)
+    # n_clusters: the joined pairs of each (prompt, head) once per layer (pairs_of), then every row at once
+    bh = torch.unique(bi * W_O.shape[0] + hi)
+    for x in bh.tolist():
+        b_, h_ = divmod(int(x), W_O.shape[0])
+        rows = ((bi == b_) & (hi == h_)).nonzero().squeeze(1)
+        pr = pairs_of(b_, h_)
+        ncl[rows] = n_clusters_from_pairs(members[rows], pr[:, pr[1] < n])
     o["value_similarity_out"] = vso
     o["n_clusters"] = ncl
     o.update(_a=a_r, _m=m_r, _c=c_r, _mm=mm_r)
