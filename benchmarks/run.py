@@ -682,6 +682,12 @@ def stream_worker(spec: dict) -> dict:
     fwd_bwd(model, warm, nullcontext)
     task = random_task(model, 1, T, seed=spec["seed"])
 
+    npm = int(spec.get("n_permutations", 0))
+    # the bridge's forward + backward materialises every layer's scores, pattern and pattern gradient in float32
+    need = 3 * int(model.cfg.n_layers) * int(model.cfg.n_heads) * T * T * 4
+    avail = (torch.cuda.mem_get_info()[0] if device == "cuda" else _mem_available())
+    run_baseline = need < 0.8 * avail
+
     def measure(fn):
         if device == "cuda":
             torch.cuda.synchronize()
@@ -700,25 +706,45 @@ def stream_worker(spec: dict) -> dict:
         # CPU: process CPU time (what the work costs, whatever else runs on a shared machine); GPU: wall clock
         return (wall if device == "cuda" else cpu), mem, r, wall
 
-    fb = [measure(lambda: fwd_bwd(model, task, nullcontext))]
+    fb = [measure(lambda: fwd_bwd(model, task, nullcontext))] if run_baseline else []
     ta, ma, res, wa = measure(lambda: analyze_self_repair(model, task, k=spec["k"], min_contribution=0.0, select="abs",
-                                                      progress=False))
-    fb.append(measure(lambda: fwd_bwd(model, task, nullcontext)))
-    t_fb = statistics.mean(x[0] for x in fb)
-    w_fb = statistics.mean(x[3] for x in fb)
-    m_fb = max(x[1] for x in fb)
+                                                      progress=False, n_permutations=npm))
+    if run_baseline:
+        fb.append(measure(lambda: fwd_bwd(model, task, nullcontext)))
+    nan = float("nan")
+    t_fb = statistics.mean(x[0] for x in fb) if fb else nan
+    w_fb = statistics.mean(x[3] for x in fb) if fb else nan
+    m_fb = max(x[1] for x in fb) if fb else nan
     return dict(model="gpt2-small", n_ctx=int(model.cfg.n_ctx), seq_len=T, prompts=1, analysis_seconds=ta,
-                fwd_bwd_seconds=t_fb, analysis_peak_mib=ma, fwd_bwd_peak_mib=m_fb,
+                fwd_bwd_seconds=t_fb, analysis_peak_mib=ma, fwd_bwd_peak_mib=m_fb, n_permutations=npm,
                 analysis_vs_fwd_bwd_time=ta / t_fb, analysis_vs_fwd_bwd_memory=ma / max(m_fb, 1e-9),
                 analysis_vs_fwd_bwd_wall=wa / w_fb, time_measure="wall" if device == "cuda" else "process CPU",
-                rows_selected=len(res.groups), streamed=bool(res.meta.get("streamed_batches", 0)))
+                rows_selected=len(res.groups), streamed=bool(res.meta.get("streamed_batches", 0)),
+                own_forward=bool(res.meta.get("own_forward_batches", 0)),
+                baseline=("measured" if run_baseline else
+                          f"skipped: the bridge's forward + backward needs about {need / 2**30:.0f} GiB of attention "
+                          f"alone, {avail / 2**30:.0f} GiB available"))
+
+
+def _mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 when unreadable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def bench_stream(args, device: str) -> List[dict]:
     rows = []
-    for T in args.stream_lengths:
-        spec = dict(seq_len=T, device=device, threads=args.threads, seed=args.seed, k=args.k)
-        log(f"[stream] gpt2-small 1 x {T} tokens (subprocess)")
+    # the analysis at each length without the permutation test (the engine), then the permutation test's cost
+    # at the --permutation-length (default 256 tokens) with the default 200 permutations
+    runs = [(T, 0) for T in args.stream_lengths] + ([(args.permutation_length, 200)] if args.permutation_length else [])
+    for T, npm in runs:
+        spec = dict(seq_len=T, device=device, threads=args.threads, seed=args.seed, k=args.k, n_permutations=npm)
+        log(f"[stream] gpt2-small 1 x {T} tokens, n_permutations={npm} (subprocess)")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_stream-worker", json.dumps(spec)]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -729,6 +755,8 @@ def bench_stream(args, device: str) -> List[dict]:
             continue
         r = json.loads(line[-1])
         rows.append(r)
+        if r.get("baseline", "measured") != "measured":
+            log(f"[stream]   baseline {r['baseline']}")
         log(f"[stream]   analysis {r['analysis_seconds']:.1f} s / fwd+bwd {r['fwd_bwd_seconds']:.1f} s = "
             f"{r['analysis_vs_fwd_bwd_time']:.2f}x; memory +{r['analysis_peak_mib']:.0f} / +{r['fwd_bwd_peak_mib']:.0f} MiB"
             f" = {r['analysis_vs_fwd_bwd_memory']:.2f}x")
@@ -974,6 +1002,8 @@ def parse(argv=None):
                    help="GIM: repeat calls so that one timing sample lasts at least this many seconds (0.5)")
     s.add_argument("--gim-components", action="store_true",
                    help="GIM: time each component alone at every length (by default only where the overhead > 1.2)")
+    s.add_argument("--permutation-length", type=int, default=256,
+                   help="tokens of the extra stream run with the default 200 permutations (0: none)")
     s.add_argument("--stream-lengths", default=None,
                    help="GPT-2-small lengths of the analysis-vs-forward+backward section (1024,2048,4096)")
     ap.add_argument("--_local-worker", default=None, help=argparse.SUPPRESS)
@@ -1092,19 +1122,23 @@ def report(out: dict) -> str:
         L.append("")
         L.append("## Analysis vs one forward + backward (gpt2-small shape, random weights, 1 prompt, "
                  "min_contribution=0, select=abs)")
-        L.append("| tokens | analysis s | fwd+bwd s | analysis_vs_fwd_bwd_time | (wall) | analysis MiB | fwd+bwd MiB | "
-                 "analysis_vs_fwd_bwd_memory | rows |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
+        L.append("| tokens | n_permutations | forward | analysis s | fwd+bwd s | analysis_vs_fwd_bwd_time | (wall) | "
+                 "analysis MiB | fwd+bwd MiB | analysis_vs_fwd_bwd_memory | rows |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in out["stream"]:
             if "error" in r:
-                L.append(f"| {r['seq_len']} | failed: {r['error']} | | | | | | | |")
+                L.append(f"| {r['seq_len']} | | | failed: {r['error']} | | | | | | | |")
                 continue
-            L.append(f"| {r['seq_len']} | {r['analysis_seconds']:.1f} | {r['fwd_bwd_seconds']:.1f} | "
+            L.append(f"| {r['seq_len']} | {r.get('n_permutations', 0)} | {'own' if r.get('own_forward') else 'bridge'} | "
+                     f"{r['analysis_seconds']:.1f} | {r['fwd_bwd_seconds']:.1f} | "
                      f"{r['analysis_vs_fwd_bwd_time']:.2f}x | {r['analysis_vs_fwd_bwd_wall']:.2f}x | "
                      f"+{r['analysis_peak_mib']:.0f} | +{r['fwd_bwd_peak_mib']:.0f} | "
                      f"{r['analysis_vs_fwd_bwd_memory']:.2f}x | {r['rows_selected']} |")
         L.append("(time: process CPU seconds on the CPU, robust to other jobs on a shared machine; wall-clock ratio "
                  "beside it; memory: peak resident growth, or CUDA peak allocation)")
+        for r in out["stream"]:
+            if r.get("baseline", "measured") != "measured" and "error" not in r:
+                L.append(f"{r['seq_len']} tokens: baseline {r['baseline']}")
     if out.get("gim"):
         L.append("")
         L.append("## GIM cost (one forward + backward to the token embeddings; time / plain autograd)")
@@ -1200,9 +1234,11 @@ def main(argv=None) -> int:
     if "stream" not in a.skip and a.stream_lengths:
         out["stream"] = bench_stream(a, a.device)
         for r in out["stream"]:
-            if "error" not in r:
+            if "error" not in r and not r.get("n_permutations"):
                 out[f"analysis_vs_fwd_bwd_time_{r['seq_len']}"] = r["analysis_vs_fwd_bwd_time"]
                 out[f"analysis_vs_fwd_bwd_memory_{r['seq_len']}"] = r["analysis_vs_fwd_bwd_memory"]
+            elif "error" not in r:
+                out[f"permutation_test_analysis_vs_fwd_bwd_time_{r['seq_len']}"] = r["analysis_vs_fwd_bwd_time"]
 
     # headline fields
     g = out.get("global", {})
@@ -1234,6 +1270,8 @@ def main(argv=None) -> int:
         goals["bf16_effect_rel_diff <= 0.02"] = bool(b["effect_rel_diff"] <= GOAL_BF16["rel"])
     for r in out.get("stream", []):
         T = r["seq_len"]
+        if r.get("n_permutations"):
+            continue
         if T in (1024, 2048):
             ok = "error" not in r
             goals[f"analysis_vs_fwd_bwd_time <= 1.5 at {T}"] = ok and r["analysis_vs_fwd_bwd_time"] <= 1.5

@@ -18,7 +18,7 @@ ratio is ``max(min_effect, 0.01 sum_S |w_j|)`` with ``w_j = p_j c_j`` (SPEC "Ind
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,9 +26,10 @@ from einops import rearrange, repeat
 
 from .._deprecation import renamed_keyword
 from .._typing import Bool, Float, Int, Tensor
+from ..engine.kernels import ablated_pattern
 from .rows import interaction_ratio, row_effects
 
-__all__ = ["similar_pairs", "n_clusters_from_pairs", "output_basis", "mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
+__all__ = ["pattern_changes", "similar_pairs", "n_clusters_from_pairs", "output_basis", "mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
            "n_contributing", "n_clusters", "TIE_RTOL"]
 
 ABLATIONS = ("mean", "knockout")
@@ -88,16 +89,21 @@ def mass_interaction(
     *,
     score_ablation: str = "mean",
     min_effect: float = 1e-4,
+    changes: Optional[tuple] = None,
     **deprecated,
 ) -> Float[Tensor, "R"]:
-    """r computed with ``c = 1_S`` (the keys of S as perfect copies, every other key silent):
+    """``changes``: ``pattern_changes(a, mask, keys, mean_mask)`` of these rows when already computed.
+
+    r computed with ``c = 1_S`` (the keys of S as perfect copies, every other key silent):
     ``E_mass(S') = sum_{j in S} (p_j - p'_j)``, NaN when ``|E_mass(S)| < max(min_effect, 0.01 sum_S p_j)``
     (``min_effect`` in mass units). Depends on the scores only."""
     score_ablation = _score_ablation(deprecated, score_ablation, "mass_interaction")
     a, mask, _, keys, mean_mask = _rows(a, mask, None, keys, mean_mask)
-    one_s = torch.zeros_like(a).scatter_(1, keys, 1.0)
-    E, ES, W = _effects(a, mask, one_s, keys, mean_mask, score_ablation)
-    return interaction_ratio(E, ES, W, min_effect)[0]
+    # every effect is linear in c: E(S') = sum_j (p_j - p'_j(S')) c_j with the pattern changes of the kernel
+    dP, pK = changes if changes is not None else pattern_changes(a, mask, keys, mean_mask, score_ablation)
+    k = keys.shape[1]
+    Em = dP.gather(2, repeat(keys, "r s -> r t s", t=k + 1)).sum(2)               # [R, k+1]: c = 1_S
+    return interaction_ratio(Em[:, :k], Em[:, k], pK, min_effect)[0]
 
 
 def concealment(
@@ -109,9 +115,11 @@ def concealment(
     *,
     score_ablation: str = "mean",
     min_effect: float = 1e-4,
+    changes: Optional[tuple] = None,
     **deprecated,
 ) -> Dict[str, Tensor]:
-    """How much of each key's individual effect the other keys of S hide by carrying what it carries.
+    """How much of each key's individual effect the other keys of S hide by carrying what it carries
+    (``changes``: ``pattern_changes`` of these rows when already computed).
 
     ``c_rest`` [R]: the p-weighted mean of c over the row's keys outside S that enter the score mean
     (``mean_mask``: unmasked, key 0 left out under ``exclude_bos``) in the clean row; NaN without such
@@ -132,47 +140,55 @@ def concealment(
     mass_rest = p_rest.sum(1)
     c_rest = torch.where(mass_rest > 0, (p_rest * torch.where(rest, c, 0.0)).sum(1) / mass_rest,
                          torch.full_like(mass_rest, float("nan")))
-    E, _, W = _effects(a, mask, c, keys, mean_mask, score_ablation)
-    # copy t of row r: the keys of S other than keys[r, t] carry c_rest
-    cx = repeat(c, "r n -> r t n", t=k).clone()
-    others = repeat(keys, "r s -> r t s", t=k)
-    own = torch.eye(k, dtype=torch.bool, device=a.device)[None].expand(R, k, k)
-    val = torch.where(own, cx.gather(2, others), c_rest[:, None, None].expand(R, k, k))
-    cx.scatter_(2, others, val)
-
-    def flat(x):
-        return repeat(x, "r ... -> (r t) ...", t=k)
-
-    E0x, _, _ = _effects(flat(a), flat(mask), rearrange(cx, "r t n -> (r t) n"), flat(keys), flat(mean_mask),
-                         score_ablation)
-    E0 = rearrange(E0x, "(r t) s -> r t s", t=k).diagonal(dim1=1, dim2=2)        # [R, k]
-    conc = E0 - E
+    # every effect is linear in c (the scores are fixed): E_j = sum_i (p_i - p'^(j)_i) c_i with the pattern changes
+    # of the kernel; E0_j, the same with the other keys of S carrying c_rest, differs from E_j only on those keys:
+    # concealment_j = E0_j - E_j = sum_{i in S, i != j} (p'^(j)_i - p_i) (c_i - c_rest)
+    dP, pK = changes if changes is not None else pattern_changes(a, mask, keys, mean_mask, score_ablation)
+    c0 = torch.where(mask, c, torch.zeros((), dtype=_F64, device=a.device))
+    E = torch.einsum("rsn,rn->rs", dP[:, :k], c0)
+    cK = c.gather(1, keys)                                                         # [R, k]
+    W = pK * cK
+    dK = dP[:, :k].gather(2, repeat(keys, "r s -> r t s", t=k))                    # [R, j, i]: p_i - p'^(j)_i
+    off = ~torch.eye(k, dtype=torch.bool, device=a.device)
+    conc = -(torch.where(off, dK * (cK - c_rest[:, None])[:, None, :], 0.0)).sum(2)
+    conc = torch.where(torch.isnan(c_rest)[:, None], torch.full_like(conc, float("nan")), conc)
+    E0 = E + conc
     tot = E0.sum(1)
     floor = torch.clamp(0.01 * W.abs().sum(1), min=min_effect)
     share = torch.where(tot.abs() >= floor, conc.sum(1) / tot, torch.full_like(tot, float("nan")))
     return {"concealment": conc, "concealment_share": share, "E0": E0, "effects": E, "c_rest": c_rest}
 
 
-def _pattern_changes(a, mask, keys, mean_mask, score_ablation: str):
+def pattern_changes(
+    a: Float[Tensor, "R n"],
+    mask: Bool[Tensor, "R n"],
+    keys: Int[Tensor, "R k"],
+    mean_mask: Bool[Tensor, "R n"],
+    score_ablation: str = "mean",
+) -> Tuple[Float[Tensor, "R k1 n"], Float[Tensor, "R k"]]:
     """``p - p'`` [R, k + 1, n] of the individual ablations (in the order of ``keys``) and the joint one,
-    and ``p_S`` [R, k], from the kernel: its head-output change ``z' - z = -sum_j (p_j - p'_j) v_j`` with
-    the values ``v_j = e_j`` (the identity, d = n) is ``-(p - p')``."""
+    and ``p_S`` [R, k], from the one score-ablation kernel (``engine.ablated_pattern``), in chunks of rows."""
     R, n = a.shape
     k = keys.shape[1]
-    eye = torch.eye(n, dtype=_F64, device=a.device)
-    rest = mask.clone().scatter_(1, keys, False)
-    s_rest = torch.softmax(a.masked_fill(~rest, float("-inf")), 1).nan_to_num(0.0)   # = v_rest with v = I
-    step = max(1, _BUDGET // ((2 ** k) * (k + 2) + (2 * k + 3) * n))
+    if R == 0:
+        return a.new_zeros(0, k + 1, n), a.new_zeros(0, k)
+    step = max(1, _BUDGET // ((k + 2) * max(n, 1)))
+    sets = torch.cat([torch.eye(k, dtype=torch.bool, device=a.device),
+                      torch.ones(1, k, dtype=torch.bool, device=a.device)])               # [k+1, k]: {j}, S
     dP, pK = [], []
     for s in range(0, R, step):
         sl = slice(s, s + step)
-        o = row_effects(a[sl], mask[sl], torch.zeros_like(a[sl]), keys[sl], mean_mask[sl],
-                        score_ablation=score_ablation,
-                        value_ablation="zero", temperature=1.0, v_keys=eye[keys[sl]], v_rest=s_rest[sl])
-        dP.append(-o["z_deltas"])
-        pK.append(o["p"])
-    if R == 0:
-        return a.new_zeros(0, k + 1, n), a.new_zeros(0, k)
+        r = a[sl].shape[0]
+        am = a[sl].masked_fill(~mask[sl], 0.0)
+        p = ablated_pattern(am, mask[sl], torch.zeros_like(mask[sl]), score_ablation=score_ablation,
+                            mean_mask=mean_mask[sl])                                    # [r, n] clean
+        abl = torch.zeros(r, k + 1, n, dtype=torch.bool, device=a.device)
+        abl.scatter_(2, repeat(keys[sl], "r s -> r t s", t=k + 1), repeat(sets, "t s -> r t s", r=r))
+        p_ab = ablated_pattern(repeat(am, "r n -> r t n", t=k + 1), repeat(mask[sl], "r n -> r t n", t=k + 1), abl,
+                               score_ablation=score_ablation,
+                               mean_mask=repeat(mean_mask[sl], "r n -> r t n", t=k + 1))
+        dP.append(p[:, None, :] - p_ab)
+        pK.append(p.gather(1, keys[sl]))
     return torch.cat(dP), torch.cat(pK)
 
 
@@ -226,7 +242,7 @@ def permutation_p(
     dev = a.device
     E, ES, W = _effects(a, mask, c, keys, mean_mask, score_ablation)
     r = interaction_ratio(E, ES, W, min_effect)[0]
-    dP, pK = _pattern_changes(a, mask, keys, mean_mask, score_ablation)          # [R, k+1, n], [R, k]
+    dP, pK = pattern_changes(a, mask, keys, mean_mask, score_ablation)          # [R, k+1, n], [R, k]
     c0 = torch.where(mask, c, torch.zeros((), dtype=_F64, device=dev))   # masked keys hold no weight
     perm_ok = mask.clone()
     if exclude_bos and n > 0:
@@ -308,7 +324,8 @@ def value_similarity_out(
     R, k, _ = v.shape
     if k < 2:
         return torch.full((R,), float("nan"), dtype=_F64, device=v.device)
-    o = torch.einsum("rkd,rdm->rkm", v, W.expand(R, -1, -1))
+    # cosines of v W are those of v R^T (output_basis): one QR of a shared W, then d_head-dimensional vectors
+    o = v @ output_basis(W[0]) if W.shape[0] == 1 else torch.einsum("rkd,rdm->rkm", v, W.expand(R, -1, -1))
     norm = o.norm(dim=2, keepdim=True)
     on = torch.where(norm > 0, o / norm, torch.full_like(o, float("nan")))
     cos = on @ on.transpose(1, 2)

@@ -83,7 +83,7 @@ from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
 from .checkpoint import BatchCheckpoint
 from .decomposition import (c_ratio, concealment, mass_interaction, n_clusters_from_pairs, n_contributing, output_basis,
-                            permutation_p, similar_pairs, value_similarity_out)
+                            pattern_changes, permutation_p, similar_pairs, value_similarity_out)
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
 from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, check_temperature, interaction_ratio,
@@ -528,9 +528,11 @@ def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, pairs_of, *, 
                 res.setdefault(key_, []).append(val)
     o = {key_: torch.cat(vals) for key_, vals in res.items()}
     # what r is made of (docs/quantities.md, "What r is made of") and group sizes ("Group sizes")
+    changes = pattern_changes(a_r, m_r, keys, mm_r, score_ablation)                            # once for both
     o["mass_interaction"] = mass_interaction(a_r, m_r, keys, mm_r, score_ablation=score_ablation,
-                                             min_effect=min_effect)
-    cc = concealment(a_r, m_r, c_r, keys, mm_r, score_ablation=score_ablation, min_effect=min_effect)
+                                             min_effect=min_effect, changes=changes)
+    cc = concealment(a_r, m_r, c_r, keys, mm_r, score_ablation=score_ablation, min_effect=min_effect,
+                     changes=changes)
     o["concealment"], o["concealment_share"] = cc["concealment"], cc["concealment_share"]
     o["c_ratio"] = c_ratio(c_r.gather(1, keys))
     w_r = w[bi, hi, qi]

@@ -531,6 +531,11 @@ def _streamed_bridge(model, task: Task, backend, layers: tuple, grad_context, dt
 
 def _check_recomputed(run: StreamedRun, hooked: Dict[int, Tensor], model_dtype: torch.dtype, d_head: int) -> float:
     """Compare the recomputed scores of each prompt's metric-position row with the model's own (see streamed_run)."""
+    # the coarser of the model's dtype and the analysis dtype the scores are recomputed in (a float64 model
+    # analysed in float32 recomputes float32 scores)
+    run_dtype = next(iter(run.q.values())).dtype if run.q else model_dtype
+    if torch.finfo(run_dtype).eps > torch.finfo(model_dtype).eps:
+        model_dtype = run_dtype
     eps = float(torch.finfo(model_dtype).eps)
     b_idx = torch.arange(run.batch, device=run.mask.device)
     m = run.mask[b_idx, run.positions]                                          # [b, k]
