@@ -49,6 +49,7 @@ import torch
 from .._io import atomic_write
 from .._version import __version__ as version
 from ..analysis import rows as analysis_modes
+from ..engine.cache import FORWARDS
 from ..analysis.identity import task_hash
 from ..analysis.context import MIN_LENGTH as CONTEXT_MIN_LENGTH
 from ..analysis.self_repair import analyze_self_repair
@@ -87,7 +88,11 @@ ANALYSIS_HELP = {
     "k": "number of keys per group (the top-k contributors of a row), 2 to 8, or 'auto' (all contributing keys "
          "of the row, at most --k-max)",
     "k_max": "largest group --k auto analyses (2 to 8; exact Shapley values need 2^k subsets)",
-    "n_permutations": "permutations of the contributions per group in the permutation test (permutation_p)",
+    "n_permutations": "permutations of the contributions per group in the permutation test (permutation_p); 0 "
+                      "skips the test (its cost, n_permutations x (query + 1) draws per row, dominates long prompts)",
+    "forward": "where q, k, v and dm/dz come from: 'bridge' (the model's own forward and backward), 'own' (our "
+               "forward with a fused attention kernel: no attention pattern held, for long contexts) or 'auto' "
+               "(own where the bridge would hold >= 256 MiB of attention per batch); checked on every batch",
     "cluster_similarity": "two contributing keys join one cluster (n_clusters) when the cosine of their head "
                           "outputs v_j W_O is at least this",
     "alpha": "false-discovery rate of the permutation test (Benjamini-Hochberg over the analysed groups)",
@@ -150,6 +155,8 @@ CHOICES = {"select": "SELECT_MODES", "score_ablation": "ABLATIONS", "value_ablat
 
 
 def _choices(name: str) -> Optional[list]:
+    if name == "forward":
+        return list(FORWARDS)
     return list(getattr(analysis_modes, CHOICES[name])) if name in CHOICES else None
 
 
