@@ -402,7 +402,7 @@ def test_errors_are_one_line(capsys, tmp_path, monkeypatch, shipped_model):
     # ... and by the analysis itself (the same checks as the Python API)
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "1", *out], "k must be")
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--k", "auto", "--k-max", "9", *out], "k_max must be")
-    _one_line_error(capsys, ["analyze", *SMALL[:6], "--n-permutations", "0", "--alpha", "0.5", *out],
+    _one_line_error(capsys, ["analyze", *SMALL[:6], "--n-permutations=-1", "--alpha", "0.5", *out],
                     "n_permutations must be")
     _one_line_error(capsys, ["analyze", *SMALL[:6], "--layers", "9", *out], "layer 9")
     _one_line_error(capsys, ["analyze", "--task", "no-such-task", *out], "no-such-task")
