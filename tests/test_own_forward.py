@@ -227,3 +227,29 @@ def test_pattern_changes_against_numpy_softmaxes(ablation):
             ref = p - ablated(a[r], mask[r], S, mm[r], ablation)
             np.testing.assert_allclose(dP[r, t].numpy(), ref, rtol=0, atol=1e-13)   # weights <= 1: float64 rounding
         np.testing.assert_allclose(pK[r].numpy(), p[keys[r]], rtol=0, atol=1e-15)
+
+
+def test_full_check_once_then_spot_checks_that_still_catch(monkeypatch):
+    """The first own-forward call per model and settings checks q, k, v and dm/dz on a 64-token prefix; later
+    calls a 16-token forward-only prefix, which still catches a wrong forward; changed weights check fully."""
+    from conftest import make_gpt2_bridge
+
+    model = make_gpt2_bridge(dtype=torch.float64)                 # a fresh model: nothing verified yet
+    task = _task(n=16)
+    first = streamed_run(model, task, forward="own", dtype=torch.float64)
+    again = streamed_run(model, task, forward="own", dtype=torch.float64)
+    assert (first.check_mode, again.check_mode) == ("full", "spot")
+    torch.testing.assert_close(again.grad_z[1], first.grad_z[1], rtol=0, atol=0)
+    orig = FastModel.qkv
+
+    def wrong(self, l, x, pos0, q_rows=None):                  # a 0.1% error in the values
+        q, k_, v = orig(self, l, x, pos0, q_rows)
+        return q, k_, v * 1.001
+    monkeypatch.setattr(FastModel, "qkv", wrong)
+    with pytest.raises(ValueError, match=r"at layer 1 differs from the bridge.s .* on a 1[0-6]-token prefix"):
+        streamed_run(model, task, forward="own", dtype=torch.float64)
+    monkeypatch.setattr(FastModel, "qkv", orig)
+    assert streamed_run(model, task, forward="own", dtype=torch.float64).check_mode == "full"   # verification reset
+    with torch.no_grad():
+        model.blocks[0].attn.o.original_component.weight.mul_(1.0)      # an in-place write: a new version
+    assert streamed_run(model, task, forward="own", dtype=torch.float64).check_mode == "full"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
@@ -42,7 +43,7 @@ from .._typing import Bool, Float, Int, Tensor
 from ..models.facts import model_facts
 from ..models.probe import resolve_backend
 from ..tasks import Task, validate_task
-from .forward import FastMismatch, FastModel, fast_support, has_user_forward_hooks
+from .forward import FastMismatch, FastModel, fast_support, has_user_forward_hooks, weights_key
 
 
 @dataclass
@@ -331,6 +332,9 @@ class StreamedRun:
     #: "bridge" (the model's forward and backward through hooks) or "own" (``FastModel.grad_run``, a fused
     #: attention kernel: no attention pattern is ever materialised)
     forward: str = "bridge"
+    #: own forward: "full" (q, k, v, dm/dz on an OWN_CHECK_TOKENS prefix: the first call per model and settings)
+    #: or "spot" (q, k, v and the metric on an OWN_SPOT_TOKENS prefix, forward only: every later call)
+    check_mode: str = ""
 
     @property
     def batch(self) -> int:
@@ -373,8 +377,11 @@ def can_stream(backend) -> bool:
 #: hold at least this many bytes of attention scores and patterns for the batch (``2 n_layers batch n_heads n^2``
 #: elements): GPT-2 small, one prompt, from about 620 tokens on
 OWN_FORWARD_MIN_BYTES = 256 * 2 ** 20
-#: tokens of the prefix on which each own-forward run is checked against the bridge (q, k, v, dm/dz, metric)
+#: tokens of the prefix on which the first own-forward run per model and settings is checked against the bridge
+#: (q, k, v, dm/dz, metric), and of the forward-only spot check of every later run (q, k, v, metric)
 OWN_CHECK_TOKENS = 64
+OWN_SPOT_TOKENS = 16
+_OWN_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 FORWARDS = ("auto", "bridge", "own")
 
 
@@ -422,7 +429,8 @@ def streamed_run(
     ``d_head``-term dot product in the model's dtype, ``(d_head + 2) eps max_j |q_i| |k_j| / attn_scale``; otherwise
     ``StreamMismatch`` is raised (``analyze_self_repair`` then falls back to ``cached_run``). Own forward: on a
     prefix of ``OWN_CHECK_TOKENS`` tokens of one seeded prompt, q, k, v at every layer, dm/dz and the metric (at
-    the prefix's last token) must equal the bridge's (hooks) within ``1e-9`` (float64 GPT-2), ``1e-6`` (float64
+    the prefix's last token; the first call per model and settings: weights, dtype, device), or q, k, v and the
+    metric of a forward over ``OWN_SPOT_TOKENS`` tokens (every later call), must equal the bridge's (hooks) within ``1e-9`` (float64 GPT-2), ``1e-6`` (float64
     Llama, whose norms HF computes in float32) or ``1e-4`` (float32) of the bridge's largest magnitude, or
     ``"auto"`` warns and takes the bridge (``"own"`` raises). The forward taken is ``run.forward``.
     A bfloat16 / float16 model computes in float32 (``upcast``, as ``cached_run``).
@@ -570,40 +578,49 @@ def _streamed_own(model, task: Task, fm: FastModel, backend, layers: tuple, dtyp
     tokens = task.tokens[:, :n].to(device)
     positions = task.positions.to(device)
     out = fm.grad_run(tokens, positions, lambda lg: task.metric_fn(lg, None), layers)
-    # the check: one seeded prompt's first OWN_CHECK_TOKENS tokens through our forward and the bridge's, the metric
-    # of that prompt read at the prefix's last token (causal: the prefix's activations are those of the whole run)
+    # the check: one seeded prompt's first tokens through our forward and the bridge's, the metric of that prompt
+    # read at the prefix's last token (causal: the prefix's activations are those of the whole run). The first
+    # time for this model and these settings (weights, dtype, device): OWN_CHECK_TOKENS tokens with dm/dz; then a
+    # forward-only spot check of OWN_SPOT_TOKENS tokens (q, k, v, metric) on every call
+    key = weights_key(model, fm.kind, run_dtype, device)
+    full = _OWN_VERIFIED.get(model) != key
     i = _check_prefix_rows(task)
-    t = min(OWN_CHECK_TOKENS, int(task.lengths[i]))
+    t = min(OWN_CHECK_TOKENS if full else OWN_SPOT_TOKENS, int(task.lengths[i]))
     pre = tokens[i:i + 1, :t]
     pos = torch.tensor([t - 1], device=device)
     idx = torch.tensor([i])
-    mine = fm.grad_run(pre, pos, lambda lg: task.metric_fn(lg, idx), range(backend.n_layers))
-    ref = _bridge_prefix(model, backend, pre, lambda lg: task.metric_fn(lg[:, t - 1], idx))
+    mine = fm.grad_run(pre, pos, lambda lg: task.metric_fn(lg, idx), range(backend.n_layers), backward=full)
+    ref = _bridge_prefix(model, backend, pre, lambda lg: task.metric_fn(lg[:, t - 1], idx), backward=full)
     tol = {torch.float64: 1e-9 if fm.kind == "gpt2" else 1e-6}.get(run_dtype, 1e-4)
     worst = 0.0
-    for what in ("q", "k", "v", "grad_z"):
+    for what in ("q", "k", "v", "grad_z") if full else ("q", "k", "v"):
         for l in range(backend.n_layers):
             a, b = mine[what][l].double(), ref[what][l].double()
             scale = float(b.abs().max()) if b.numel() else 0.0
             err = float((a - b).abs().max()) / max(scale, torch.finfo(torch.float64).tiny) if b.numel() else 0.0
             worst = max(worst, err)
             if not err <= tol:
+                _OWN_VERIFIED.pop(model, None)
                 raise FastMismatch(f"{what} at layer {l} differs from the bridge's by {err:.3g} of its largest "
                                    f"magnitude (allowed {tol:g}) on a {t}-token prefix")
     m_err = float((mine["metric"].double() - ref["metric"].double()).abs().max())
     if not m_err <= tol * (float(ref["metric"].double().abs().max()) + 1.0):
+        _OWN_VERIFIED.pop(model, None)
         raise FastMismatch(f"the metric differs from the bridge's by {m_err:.3g} on a {t}-token prefix")
+    if full:
+        _OWN_VERIFIED[model] = key
     values = {l: expand_kv(out["v"][l].to(dtype), n_heads, backend.kv_head_of) for l in layers}
     run = StreamedRun(layers=layers, q={l: out["q"][l].to(dtype) for l in layers},
                       k={l: out["k"][l].to(dtype) for l in layers}, values=values,
                       grad_z={l: out["grad_z"][l].to(dtype) for l in layers}, metric=out["metric"].to(dtype),
                       mask=key_mask(task, n).to(device), lengths=task.lengths.to(device), positions=positions,
                       n_heads=n_heads, n_kv_heads=backend.n_kv_heads, kv_head_of=tuple(backend.kv_head_of),
-                      attn_scale=float(backend.attn_scale), check_error=worst, forward="own")
+                      attn_scale=float(backend.attn_scale), check_error=worst, forward="own",
+                      check_mode="full" if full else "spot")
     return run
 
 
-def _bridge_prefix(model, backend, tokens: Tensor, metric: Callable[[Tensor], Tensor]) -> dict:
+def _bridge_prefix(model, backend, tokens: Tensor, metric: Callable[[Tensor], Tensor], backward: bool = True) -> dict:
     """q, k, v (at the score q / k hooks and hook_v) and dm/dz of every layer and the metric, through the model's
     own forward and backward with hooks: the reference of ``_streamed_own``'s check."""
     L = backend.n_layers
@@ -626,11 +643,13 @@ def _bridge_prefix(model, backend, tokens: Tensor, metric: Callable[[Tensor], Te
     for l in range(L):
         fwd += [(backend.hook(backend.score_q_hook, l), save("q", l)), (backend.hook(backend.score_k_hook, l), save("k", l)),
                 (backend.hook(backend.v_hook, l), save("v", l)), (backend.hook(backend.z_hook, l), save_z(l))]
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+    with (torch.enable_grad() if backward else torch.no_grad()), model.hooks(fwd_hooks=fwd):
         logits = model(tokens)
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         m = metric(logits)
+        if not backward:
+            return dict(out, metric=m.detach())
         grads = torch.autograd.grad(m.sum(), [z_live[l] for l in range(L)], allow_unused=True)
     out["grad_z"] = {l: (torch.zeros_like(z_live[l]) if g is None else g.detach()) for l, g in zip(range(L), grads)}
     out["metric"] = m.detach()

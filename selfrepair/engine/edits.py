@@ -119,7 +119,7 @@ from .._typing import Float, Int, Tensor
 from ..models.facts import ModelFacts, model_facts
 from ..tasks import Task, validate_task
 from .._deprecation import renamed_keyword
-from .forward import FastMismatch, FastModel, fast_support, has_user_forward_hooks
+from .forward import FastMismatch, FastModel, fast_support, has_user_forward_hooks, weights_key
 
 __all__ = ["ZEdits", "CleanRun", "EditRun", "prepare_clean", "measure_z_edits", "run_z_edits", "replace_z", "flops",
            "MEMORY_BUDGET", "CLEAN_BUDGET", "PATHS"]
@@ -268,13 +268,6 @@ SPOT_CHECK_FRACTION = 1 / 16
 _VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _check_key(model, kind: str, dtype: torch.dtype, device) -> tuple:
-    """What the full check of the fast forward vouches for: the kind, dtype, device, eval mode and the weights
-    (each parameter's storage and version counter, which every in-place write bumps)."""
-    return (kind, str(dtype), str(device), bool(model.training),
-            tuple((n, p.data_ptr(), p._version, tuple(p.shape)) for n, p in model.named_parameters()))
-
-
 def _spot_rows(task: Task) -> Tensor:
     """The prompts of a spot check: ``SPOT_CHECK_FRACTION`` of them (at least one), drawn with a seed taken from
     the task's tokens (the same task gives the same sample; different tasks, different ones)."""
@@ -308,7 +301,7 @@ def _prepare_fast(model, task: Task, dims: ModelFacts, kind: str, *, batch_size)
     # check against the model's own forward (hooks of our own: none): every prompt the first time for this model
     # and these settings (weights, dtype, device, kind), then a sampled spot check (SPOT_CHECK_FRACTION of the
     # prompts, at least one) on every later call
-    key = _check_key(model, kind, mdt, dev)
+    key = weights_key(model, kind, mdt, dev)
     full = _VERIFIED.get(model) != key
     check_rows = torch.arange(B) if full else _spot_rows(task)
     ref = []

@@ -16,7 +16,7 @@ from .._devices import is_split, model_devices
 from .._typing import Int, Tensor
 from ..models.facts import ModelFacts
 
-__all__ = ["FastModel", "FastMismatch", "fast_support", "has_user_forward_hooks"]
+__all__ = ["FastModel", "FastMismatch", "fast_support", "has_user_forward_hooks", "weights_key"]
 
 
 def _orig(component):
@@ -211,14 +211,15 @@ class FastModel:
 
     # --- forward + backward of the metric with a fused attention kernel (the streaming analysis)
     def grad_run(self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch"],
-                 metric: Callable[[Tensor], Tensor], layers: Sequence[int]) -> dict:
+                 metric: Callable[[Tensor], Tensor], layers: Sequence[int], backward: bool = True) -> dict:
         """One forward and one backward of ``sum over prompts of metric(logits at positions)`` that never
         materialises an attention pattern: causal ``scaled_dot_product_attention`` (flash attention on CPU
         and CUDA), logits only at the metric positions. Returns, for ``layers``, the (rotated) queries
         ``q [batch, pos, head, d_head]``, keys and values ``[batch, pos, kv_head, d_head]``, ``grad_z`` =
         ``dm/dz [batch, pos, head, d_head]`` and the ``metric [batch]``, all detached. Requires
         ``use_sdpa`` (the bridge's softmax runs in the model dtype); causal masking only, as the bridge is
-        called with the tokens alone (padding sits after each prompt's real tokens)."""
+        called with the tokens alone (padding sits after each prompt's real tokens). ``backward=False``: the
+        forward only (no ``grad_z``)."""
         if not self.use_sdpa:
             raise ValueError("grad_run needs the softmax in the model dtype (use_sdpa); this model upcasts it.")
         D = self.dims
@@ -226,9 +227,9 @@ class FastModel:
         rep = D.n_heads // D.n_kv_heads
         out: Dict[str, Dict[int, Tensor]] = {"q": {}, "k": {}, "v": {}}
         zs: Dict[int, Tensor] = {}
-        with torch.enable_grad():
+        with torch.enable_grad() if backward else torch.no_grad():
             h = self.embed(tokens)
-            if not h.requires_grad:                 # frozen weights: dm/dz must still be defined
+            if backward and not h.requires_grad:                 # frozen weights: dm/dz must still be defined
                 h = h.detach().requires_grad_(True)
             for l in range(D.n_layers):
                 blk = self.blocks[l]
@@ -246,6 +247,9 @@ class FastModel:
             if logits.dtype not in (torch.float32, torch.float64):
                 logits = logits.float()
             m = metric(logits)
+            if not backward:
+                out["metric"] = m.detach()
+                return out
             order = sorted(want)
             grads = torch.autograd.grad(m.sum(), [zs[l] for l in order], allow_unused=True)
         out["grad_z"] = {l: (torch.zeros_like(zs[l]) if g is None else g).detach() for l, g in zip(order, grads)}
@@ -293,6 +297,13 @@ def _fast_act(act):
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
+
+
+def weights_key(model, kind: str, dtype: torch.dtype, device) -> tuple:
+    """What a full check of our own forward vouches for: the kind, dtype, device, eval mode and the weights
+    (each parameter's storage and version counter, which every in-place write bumps)."""
+    return (kind, str(dtype), str(device), bool(model.training),
+            tuple((n, p.data_ptr(), p._version, tuple(p.shape)) for n, p in model.named_parameters()))
 
 
 def has_user_forward_hooks(model) -> bool:
