@@ -40,6 +40,8 @@ The figures:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -641,12 +643,35 @@ def png_size(fig: go.Figure) -> tuple[int, int]:
     return int(fig.layout.width or DEFAULT_SIZE[0]), int(fig.layout.height or DEFAULT_SIZE[1])
 
 
+@contextlib.contextmanager
+def _quiet_browser_pipe():
+    """kaleido's Chromium driver (choreographer) logs, with a traceback on stderr, and then ignores a message
+    split across two reads of its pipe (``JSONError decoding message. Ignoring``), which happens on a loaded
+    machine; the export itself is unaffected. Its loggers are silenced below CRITICAL for the export and
+    restored after; errors that stop the export still raise."""
+    try:
+        from choreographer.channels import pipe  # function-level: kaleido's driver, loaded only for PNG export
+    except ImportError:
+        yield
+        return
+    loggers = [pipe._logger]   # the driver's own logger object (logistro), not one created here by name
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, old):
+            lg.setLevel(lv)
+
+
 def _write_pngs(figs: Sequence[go.Figure], paths: Sequence[Path], scale: float):
     tmps = [p.with_name(f".{p.name}.tmp.png") for p in paths]
     try:
         try:
-            pio.write_images(list(figs), [str(t) for t in tmps], format="png", scale=scale,
-                             width=[png_size(f)[0] for f in figs], height=[png_size(f)[1] for f in figs])
+            with _quiet_browser_pipe():
+                pio.write_images(list(figs), [str(t) for t in tmps], format="png", scale=scale,
+                                 width=[png_size(f)[0] for f in figs], height=[png_size(f)[1] for f in figs])
         except Exception as e:  # kaleido raises its own ChromeNotFoundError etc.
             name = type(e).__name__
             if "Chrome" in name or "chrome" in str(e).lower() or "browser" in str(e).lower():
