@@ -485,30 +485,13 @@ def _streamed_bridge(model, task: Task, backend, layers: tuple, grad_context, dt
     raw: Dict[str, Dict[int, Tensor]] = {"q": {}, "k": {}, "v": {}, "check": {}}
     z_live: Dict[int, Tensor] = {}
 
-    def save(kind: str, layer: int):
-        def fn(x, hook):
-            raw[kind][layer] = x.detach().to(dtype=dtype)
-        return fn
-
     def save_rows(layer: int):
         def fn(x, hook):   # the model's own scores at each prompt's metric-position query: [batch, head, k]
             raw["check"][layer] = x.detach()[b_idx, :, positions].to(dtype=dtype).clone()
         return fn
 
-    def save_z(layer: int):
-        def fn(x, hook):
-            y = x.detach().clone().requires_grad_(True) if not x.requires_grad else x.clone()
-            z_live[layer] = y
-            return y
-        return fn
-
-    fwd = []
-    for l in layers:
-        fwd.append((backend.hook(backend.score_q_hook, l), save("q", l)))
-        fwd.append((backend.hook(backend.score_k_hook, l), save("k", l)))
-        fwd.append((backend.hook(backend.v_hook, l), save("v", l)))
-        fwd.append((backend.hook(backend.scores_hook, l), save_rows(l)))
-        fwd.append((backend.hook(backend.z_hook, l), save_z(l)))
+    fwd = _qkvz_hooks(backend, layers, raw, z_live, dtype)
+    fwd += [(backend.hook(backend.scores_hook, l), save_rows(l)) for l in layers]
     ctx = grad_context() if (grad_context is not None) else contextlib.nullcontext()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
@@ -620,29 +603,36 @@ def _streamed_own(model, task: Task, fm: FastModel, backend, layers: tuple, dtyp
     return run
 
 
-def _bridge_prefix(model, backend, tokens: Tensor, metric: Callable[[Tensor], Tensor], backward: bool = True) -> dict:
-    """q, k, v (at the score q / k hooks and hook_v) and dm/dz of every layer and the metric, through the model's
-    own forward and backward with hooks: the reference of ``_streamed_own``'s check."""
-    L = backend.n_layers
-    out: Dict[str, Dict[int, Tensor]] = {"q": {}, "k": {}, "v": {}}
-    z_live: Dict[int, Tensor] = {}
-
+def _qkvz_hooks(backend, layers, out: Dict[str, Dict[int, Tensor]], z_live: Dict[int, Tensor], dtype) -> list:
+    """Forward hooks that save q, k (the score q / k hooks) and v (hook_v) of ``layers`` into ``out`` (detached, cast
+    to ``dtype``, or cloned when None) and make hook_z a tensor on the autograd path (``z_live``) for dm/dz."""
     def save(kind: str, layer: int):
         def fn(x, hook):
-            out[kind][layer] = x.detach().clone()
+            out[kind][layer] = x.detach().clone() if dtype is None else x.detach().to(dtype=dtype)
         return fn
 
     def save_z(layer: int):
         def fn(x, hook):
+            # a fresh tensor on the autograd path (a detached leaf when nothing upstream requires grad)
             y = x.detach().clone().requires_grad_(True) if not x.requires_grad else x.clone()
             z_live[layer] = y
             return y
         return fn
 
     fwd = []
-    for l in range(L):
+    for l in layers:
         fwd += [(backend.hook(backend.score_q_hook, l), save("q", l)), (backend.hook(backend.score_k_hook, l), save("k", l)),
                 (backend.hook(backend.v_hook, l), save("v", l)), (backend.hook(backend.z_hook, l), save_z(l))]
+    return fwd
+
+
+def _bridge_prefix(model, backend, tokens: Tensor, metric: Callable[[Tensor], Tensor], backward: bool = True) -> dict:
+    """q, k, v (at the score q / k hooks and hook_v) and dm/dz of every layer and the metric, through the model's
+    own forward and backward with hooks: the reference of ``_streamed_own``'s check."""
+    L = backend.n_layers
+    out: Dict[str, Dict[int, Tensor]] = {"q": {}, "k": {}, "v": {}}
+    z_live: Dict[int, Tensor] = {}
+    fwd = _qkvz_hooks(backend, range(L), out, z_live, None)
     with (torch.enable_grad() if backward else torch.no_grad()), model.hooks(fwd_hooks=fwd):
         logits = model(tokens)
         if logits.dtype not in (torch.float32, torch.float64):
