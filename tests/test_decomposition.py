@@ -133,6 +133,26 @@ def test_mass_interaction_floor_is_in_mass_units():
     assert np.isfinite(D.mass_interaction(*args, score_ablation="knockout", min_effect=1e-12).numpy()).all()
 
 
+# ----------------------------------------------------------------------------- key_changes
+
+
+@pytest.mark.parametrize("ablation,k,exclude_bos", [("mean", 2, False), ("mean", 3, True), ("knockout", 3, False)])
+def test_key_changes_against_explicit_softmaxes(ablation, k, exclude_bos):
+    """The closed-form kernel's p_i - p'_i at the keys of S (log space) against plain numpy softmaxes of the
+    individual and joint ablations; its effects against sum_j (p_j - p'_j) c_j over the whole row."""
+    a, mask, c, keys, mm = random_rows(25, 11, k, seed=40 + k, exclude_bos=exclude_bos)
+    ch = D.key_changes(*T(a, mask, keys, mm), score_ablation=ablation, c=torch.as_tensor(c))
+    assert ch.at_keys.shape == (25, k + 1, k)
+    for i in range(len(a)):
+        p = softmax(a[i], mask[i])
+        sets = [[j] for j in keys[i]] + [list(keys[i])]
+        for t, S in enumerate(sets):
+            ref = (p - ablated(a[i], mask[i], S, mm[i], ablation))[keys[i]]
+            np.testing.assert_allclose(ch.at_keys[i, t].numpy(), ref, rtol=0, atol=1e-13)   # weights <= 1
+        np.testing.assert_allclose(ch.p_keys[i].numpy(), p[keys[i]], rtol=0, atol=1e-15)
+        close(ch.effects[i].numpy(), [effect(a[i], mask[i], c[i], [j], mm[i], ablation) for j in keys[i]])
+
+
 # ----------------------------------------------------------------------------- concealment
 
 

@@ -212,6 +212,26 @@ def test_output_basis_and_similar_pairs():
     assert set(map(tuple, pairs.T.tolist())) == want and (3, 7) in want
 
 
+def test_similar_pairs_decides_near_threshold_cosines_in_float64():
+    """Cosines within 1e-7 of the threshold (float32 cannot tell them apart) are joined exactly as the
+    float64 cosines say, against numpy's float64 cosines."""
+    rng = np.random.default_rng(11)
+    thr = 0.8
+    base = rng.normal(size=(1, 64))
+    base /= np.linalg.norm(base)
+    ortho = rng.normal(size=(40, 64))
+    ortho -= (ortho @ base.T) * base
+    ortho /= np.linalg.norm(ortho, axis=1, keepdims=True)
+    cos = thr + rng.choice([-1, 1], size=40) * rng.uniform(1e-9, 1e-7, size=40)        # cosine with key 0
+    vec = np.concatenate([base, cos[:, None] * base + np.sqrt(1 - cos[:, None] ** 2) * ortho]) * 3.0
+    vn = vec / np.linalg.norm(vec, axis=1, keepdims=True)
+    ref = vn @ vn.T
+    want = {(i, j) for i in range(41) for j in range(i + 1, 41) if ref[i, j] >= thr}
+    got = set(map(tuple, similar_pairs(torch.from_numpy(vec), cluster_similarity=thr).T.tolist()))
+    assert got == want
+    assert 5 < sum(1 for (i, j) in want if i == 0) < 35                # both sides of the threshold occur
+
+
 @pytest.mark.parametrize("ablation", ["mean", "knockout"])
 def test_pattern_changes_against_numpy_softmaxes(ablation):
     """``p - p'`` of each individual ablation and the joint one against test_decomposition's numpy softmax."""

@@ -111,6 +111,28 @@ def test_blocks_do_not_change_the_analysis(gpt2_bridge64, monkeypatch):
     _assert_same_groups(_frame(whole), _frame(small))
 
 
+@pytest.mark.parametrize("n,per_key,budget", [(4096, 12, 2 ** 20), (1024, 12, 2 ** 20), (300, 32, 40_000),
+                                               (64, 2 ** 21, 2 ** 20), (1, 1, 1), (517, 3, 10_000)])
+def test_query_blocks_are_the_largest_within_the_budget(n, per_key, budget):
+    """Each block holds at most the budget's scores (or one query, where one query alone exceeds it) and is
+    the longest that does: checked by a loop that grows each block one query at a time."""
+    from selfrepair.engine.cache import query_blocks
+
+    blocks = query_blocks(n, per_key, budget)
+    q0 = 0
+    for b0, b1 in blocks:
+        assert b0 == q0 and b1 > b0
+        q1 = q0 + 1
+        while q1 < n and (q1 + 1 - q0) * (q1 + 1) * per_key <= budget:
+            q1 += 1
+        assert b1 == q1
+        assert (b1 - b0) * b1 * per_key <= budget or b1 == b0 + 1
+        q0 = b1
+    assert q0 == n
+    if (n, per_key) == (4096, 12):
+        assert len(blocks) <= 100                   # not one query per block past the first third (the old loop)
+
+
 def test_wrong_recomputation_is_caught_and_falls_back(gpt2_bridge64, monkeypatch):
     task = _task()
     be = probe(gpt2_bridge64)

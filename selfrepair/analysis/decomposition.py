@@ -18,7 +18,7 @@ ratio is ``max(min_effect, 0.01 sum_S |w_j|)`` with ``w_j = p_j c_j`` (SPEC "Ind
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .._typing import Bool, Float, Int, Tensor
 from ..engine.kernels import ablated_pattern
 from .rows import interaction_ratio, row_effects
 
-__all__ = ["pattern_changes", "similar_pairs", "n_clusters_from_pairs", "output_basis", "mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
+__all__ = ["KeyChanges", "key_changes", "pattern_changes", "similar_pairs", "n_clusters_from_pairs", "output_basis", "mass_interaction", "concealment", "permutation_p", "c_ratio", "value_similarity_out",
            "n_contributing", "n_clusters", "TIE_RTOL"]
 
 ABLATIONS = ("mean", "knockout")
@@ -38,6 +38,7 @@ SELECT_MODES = ("positive", "abs")
 TIE_RTOL = 1e-9
 _F64 = torch.float64
 _BUDGET = 2 ** 22        # elements of the kernel's largest intermediate per chunk of rows
+_PAIR_MARGIN = 1e-3      # similar_pairs: float32 cosines this close to the threshold are decided in float64
 
 
 def _score_ablation(deprecated: dict, score_ablation: str, where: str) -> str:
@@ -81,6 +82,47 @@ def _effects(a, mask, c, keys, mean_mask, score_ablation: str):
     return torch.cat(E), torch.cat(ES), torch.cat(W)
 
 
+class KeyChanges(NamedTuple):
+    """The pattern changes at the keys of S that ``mass_interaction`` and ``concealment`` need, per row:
+    ``at_keys`` [R, k+1, k] ``p_i - p'_i`` at the keys of S (in the order of ``keys``) under each individual
+    ablation, then the joint one; ``p_keys`` [R, k] the clean ``p_S``; ``effects`` [R, k] the individual
+    local effects ``E_j = sum_i (p_i - p'^(j)_i) c_i`` over the whole row (with the rows' ``c``); ``c_rest``
+    [R] (optional) the p-weighted mean of c over the keys outside S that enter the mean (``concealment``'s
+    ``c_rest``). All are outputs of ``row_effects`` (``key_changes``, ``p``, ``effects``, ``c_rest``): the
+    analysis passes them on."""
+    at_keys: Tensor
+    p_keys: Tensor
+    effects: Tensor
+    c_rest: Optional[Tensor] = None
+
+
+def key_changes(
+    a: Float[Tensor, "R n"],
+    mask: Bool[Tensor, "R n"],
+    keys: Int[Tensor, "R k"],
+    mean_mask: Bool[Tensor, "R n"],
+    score_ablation: str = "mean",
+    c: Optional[Float[Tensor, "R n"]] = None,
+) -> KeyChanges:
+    """``KeyChanges`` of R rows from the closed-form kernel (``row_effects``, log space), in chunks of rows;
+    ``c`` (default 0: effects 0) only enters ``effects``."""
+    a, mask, c, keys, mean_mask = _rows(a, mask, c, keys, mean_mask)
+    R, n = a.shape
+    k = keys.shape[1]
+    if c is None:
+        c = torch.zeros_like(a)
+    if R == 0:
+        return KeyChanges(a.new_zeros(0, k + 1, k), a.new_zeros(0, k), a.new_zeros(0, k), a.new_zeros(0))
+    step = _chunk(k, n)
+    parts = []
+    for s in range(0, R, step):
+        sl = slice(s, s + step)
+        o = row_effects(a[sl], mask[sl], c[sl], keys[sl], mean_mask[sl], score_ablation=score_ablation,
+                        value_ablation="zero", temperature=1.0)
+        parts.append((o["key_changes"], o["p"], o["effects"], o["c_rest"]))
+    return KeyChanges(*(torch.cat(x) for x in zip(*parts)))
+
+
 def mass_interaction(
     a: Float[Tensor, "R n"],
     mask: Bool[Tensor, "R n"],
@@ -89,21 +131,22 @@ def mass_interaction(
     *,
     score_ablation: str = "mean",
     min_effect: float = 1e-4,
-    changes: Optional[tuple] = None,
+    changes: Optional[KeyChanges] = None,
     **deprecated,
 ) -> Float[Tensor, "R"]:
-    """``changes``: ``pattern_changes(a, mask, keys, mean_mask)`` of these rows when already computed.
+    """``changes``: the ``KeyChanges`` of these rows when already computed (e.g. from ``row_effects``).
 
     r computed with ``c = 1_S`` (the keys of S as perfect copies, every other key silent):
     ``E_mass(S') = sum_{j in S} (p_j - p'_j)``, NaN when ``|E_mass(S)| < max(min_effect, 0.01 sum_S p_j)``
     (``min_effect`` in mass units). Depends on the scores only."""
     score_ablation = _score_ablation(deprecated, score_ablation, "mass_interaction")
     a, mask, _, keys, mean_mask = _rows(a, mask, None, keys, mean_mask)
-    # every effect is linear in c: E(S') = sum_j (p_j - p'_j(S')) c_j with the pattern changes of the kernel
-    dP, pK = changes if changes is not None else pattern_changes(a, mask, keys, mean_mask, score_ablation)
+    # every effect is linear in c: E(S') = sum_j (p_j - p'_j(S')) c_j with the pattern changes of the kernel;
+    # with c = 1_S only the changes at the keys of S count
+    ch = changes if changes is not None else key_changes(a, mask, keys, mean_mask, score_ablation)
     k = keys.shape[1]
-    Em = dP.gather(2, repeat(keys, "r s -> r t s", t=k + 1)).sum(2)               # [R, k+1]: c = 1_S
-    return interaction_ratio(Em[:, :k], Em[:, k], pK, min_effect)[0]
+    Em = ch.at_keys.sum(2)                                                         # [R, k+1]: c = 1_S
+    return interaction_ratio(Em[:, :k], Em[:, k], ch.p_keys, min_effect)[0]
 
 
 def concealment(
@@ -115,11 +158,11 @@ def concealment(
     *,
     score_ablation: str = "mean",
     min_effect: float = 1e-4,
-    changes: Optional[tuple] = None,
+    changes: Optional[KeyChanges] = None,
     **deprecated,
 ) -> Dict[str, Tensor]:
     """How much of each key's individual effect the other keys of S hide by carrying what it carries
-    (``changes``: ``pattern_changes`` of these rows when already computed).
+    (``changes``: the ``KeyChanges`` of these rows, with these ``c``, when already computed).
 
     ``c_rest`` [R]: the p-weighted mean of c over the row's keys outside S that enter the score mean
     (``mean_mask``: unmasked, key 0 left out under ``exclude_bos``) in the clean row; NaN without such
@@ -133,22 +176,15 @@ def concealment(
     a, mask, c, keys, mean_mask = _rows(a, mask, c, keys, mean_mask)
     R, n = a.shape
     k = keys.shape[1]
-    in_s = torch.zeros_like(mask).scatter_(1, keys, True)
-    rest = mean_mask & mask & ~in_s
-    p = torch.softmax(a.masked_fill(~mask, float("-inf")), 1).nan_to_num(0.0)
-    p_rest = torch.where(rest, p, torch.zeros((), dtype=_F64, device=a.device))
-    mass_rest = p_rest.sum(1)
-    c_rest = torch.where(mass_rest > 0, (p_rest * torch.where(rest, c, 0.0)).sum(1) / mass_rest,
-                         torch.full_like(mass_rest, float("nan")))
     # every effect is linear in c (the scores are fixed): E_j = sum_i (p_i - p'^(j)_i) c_i with the pattern changes
     # of the kernel; E0_j, the same with the other keys of S carrying c_rest, differs from E_j only on those keys:
     # concealment_j = E0_j - E_j = sum_{i in S, i != j} (p'^(j)_i - p_i) (c_i - c_rest)
-    dP, pK = changes if changes is not None else pattern_changes(a, mask, keys, mean_mask, score_ablation)
-    c0 = torch.where(mask, c, torch.zeros((), dtype=_F64, device=a.device))
-    E = torch.einsum("rsn,rn->rs", dP[:, :k], c0)
+    ch = changes if changes is not None and changes.c_rest is not None else \
+        key_changes(a, mask, keys, mean_mask, score_ablation, c)
+    E, pK, c_rest = ch.effects, ch.p_keys, ch.c_rest
     cK = c.gather(1, keys)                                                         # [R, k]
     W = pK * cK
-    dK = dP[:, :k].gather(2, repeat(keys, "r s -> r t s", t=k))                    # [R, j, i]: p_i - p'^(j)_i
+    dK = ch.at_keys[:, :k]                                                         # [R, j, i]: p_i - p'^(j)_i
     off = ~torch.eye(k, dtype=torch.bool, device=a.device)
     conc = -(torch.where(off, dK * (cK - c_rest[:, None])[:, None, :], 0.0)).sum(2)
     conc = torch.where(torch.isnan(c_rest)[:, None], torch.full_like(conc, float("nan")), conc)
@@ -315,17 +351,19 @@ def c_ratio(c_keys: Float[Tensor, "R k"]) -> Float[Tensor, "R"]:
 def value_similarity_out(
     v_keys: Float[Tensor, "R k d_head"],
     W_O_h: Float[Tensor, "#R d_head d_model"],
+    *,
+    basis: Optional[Float[Tensor, "d_head d_head"]] = None,
 ) -> Float[Tensor, "R"]:
     """Mean pairwise cosine similarity of the keys' head outputs ``v_j W_O^h`` (d_model; ``W_O^h`` the
     rows of the output projection that read head h, one per row or one shared). NaN for k < 2 or a
-    zero output vector."""
+    zero output vector. ``basis``: ``output_basis`` of a shared ``W_O^h`` when already computed."""
     v = torch.as_tensor(v_keys).to(_F64)
     W = torch.as_tensor(W_O_h).to(device=v.device, dtype=_F64)
     R, k, _ = v.shape
     if k < 2:
         return torch.full((R,), float("nan"), dtype=_F64, device=v.device)
     # cosines of v W are those of v R^T (output_basis): one QR of a shared W, then d_head-dimensional vectors
-    o = v @ output_basis(W[0]) if W.shape[0] == 1 else torch.einsum("rkd,rdm->rkm", v, W.expand(R, -1, -1))
+    o = v @ (output_basis(W[0]) if basis is None else basis.to(v)) if W.shape[0] == 1 else torch.einsum("rkd,rdm->rkm", v, W.expand(R, -1, -1))
     norm = o.norm(dim=2, keepdim=True)
     on = torch.where(norm > 0, o / norm, torch.full_like(o, float("nan")))
     cos = on @ on.transpose(1, 2)
@@ -412,9 +450,17 @@ def similar_pairs(
     norm = v.norm(dim=1, keepdim=True)
     ok = norm.squeeze(1) > 0
     vn = torch.where(norm > 0, v / norm.clamp_min(torch.finfo(_F64).tiny), torch.zeros_like(v))
-    sim = vn @ vn.T
-    adj = (sim >= cluster_similarity) & ok[:, None] & ok[None, :]
-    return torch.triu(adj, diagonal=1).nonzero().T
+    # all n^2 cosines in float32, then the candidates within _PAIR_MARGIN of the threshold decided in float64: a
+    # float32 cosine of unit vectors in d dimensions is off by at most about d * 2^-24 (~4e-6 at d = 64), far
+    # inside the margin, so the pairs are exactly those of the float64 cosines, at the float32 product's cost
+    sim = vn.to(torch.float32) @ vn.to(torch.float32).T
+    cand = (sim >= float(cluster_similarity) - _PAIR_MARGIN).nonzero()
+    del sim
+    i, j = cand[:, 0], cand[:, 1]
+    up = i < j
+    i, j = i[up], j[up]
+    keep = ((vn[i] * vn[j]).sum(1) >= cluster_similarity) & ok[i] & ok[j]
+    return torch.stack([i[keep], j[keep]])
 
 
 def n_clusters_from_pairs(

@@ -80,20 +80,31 @@ def row_effects(
     k = keys.shape[1]
     dt, dev = a.dtype, a.device
     ninf = torch.tensor(float("-inf"), dtype=dt, device=dev)
+    zero = torch.zeros((), dtype=dt, device=dev)
+    # every [R, n] pass counts (this runs over every row of every head): each row-wide quantity below is one
+    # masked copy, one exp or one dot product, and the clean softmax is never formed over the whole row
     am = torch.where(mask, a, ninf)
+    c0 = torch.where(mask, c, zero)                                       # masked keys carry no weight
     aK = am.gather(1, keys)                                               # [R, k]
     cK = c.gather(1, keys)
-    inK = torch.zeros_like(mask).scatter_(1, keys, True)
-    rest = mask & ~inK
-    has_rest = rest.any(1)
-    a_rest = torch.where(rest, a, ninf)
-    L_rest = torch.logsumexp(a_rest, 1)                                   # [R], -inf without a rest
-    s_rest = torch.softmax(torch.where(has_rest[:, None], a_rest, torch.zeros((), dtype=dt, device=dev)), 1)
-    cbar_rest = torch.where(has_rest, (s_rest * torch.where(rest, c, torch.zeros((), dtype=dt, device=dev))).sum(1),
-                            torch.zeros((), dtype=dt, device=dev))
+    # the rest (unmasked keys outside S): its log-normaliser and softmax-weighted c from one exp
+    a_rest = am.scatter(1, keys, ninf.expand(R, k))
+    top = a_rest.amax(1, keepdim=True) if n else a_rest.new_full((R, 1), float("-inf"))
+    has_rest = torch.isfinite(top[:, 0])
+    e_rest = torch.exp(a_rest - torch.where(has_rest[:, None], top, zero))   # exp(a_j - max over the rest), 0 off it
+    sum_rest = e_rest.sum(1)
+    L_rest = torch.where(has_rest, top[:, 0] + torch.log(sum_rest), ninf)    # [R], -inf without a rest
+    cbar_rest = torch.where(has_rest, torch.einsum("rn,rn->r", e_rest, c0) / sum_rest, zero)
+    # the same over the rest's keys that enter the mean (concealment's c_rest; NaN without such a key)
+    e_mm = e_rest * mean_mask
+    del e_rest
+    sum_mm = e_mm.sum(1)
+    c_rest = torch.where(sum_mm > 0, torch.einsum("rn,rn->r", e_mm, c0) / sum_mm,
+                         torch.tensor(float("nan"), dtype=dt, device=dev))
+    del e_mm
     cnt = mean_mask.sum(1).to(dt)
-    abar = torch.where(mean_mask, a, torch.zeros((), dtype=dt, device=dev)).sum(1) / cnt   # mean score
-    cbar = torch.where(mean_mask, c, torch.zeros((), dtype=dt, device=dev)).sum(1) / cnt   # mean of g . v
+    abar = torch.where(mean_mask, a, zero).sum(1) / cnt                   # mean score
+    cbar = torch.where(mean_mask, c, zero).sum(1) / cnt                   # mean of g . v
 
     bits = subset_bits(k, dev)                                           # [B, k]
     B = bits.shape[0]
@@ -131,7 +142,12 @@ def row_effects(
 
     out: Dict[str, Tensor] = {}
     single = 2 ** torch.arange(k, device=dev)
+    which = torch.cat([single, torch.tensor([B - 1], device=dev)])       # the individual ablations, then S
     out["subset_effects"] = E
+    # p_i - p'_i at the keys of S (in the order of keys) for the individual ablations and the joint one:
+    # kept keys sign * |p_i - p'_i|, ablated keys p_i - p'_i (dpK)
+    out["key_changes"] = sign[:, which, None] * fac_K[:, which] + dpK[:, which]   # [R, k+1, k]
+    out["c_rest"] = c_rest
     out["effects"] = E[:, single]
     out["effect_joint"] = E[:, B - 1]
     out["shapley"] = E @ shapley_matrix(k, dt, dev)
@@ -140,17 +156,20 @@ def row_effects(
     out["scores"] = aK
     out["mass"] = pK.sum(1)
     out["n_keys"] = mask.sum(1)
-    p_all = torch.exp(am - lse)
-    zg = (p_all * torch.where(mask, c, torch.zeros((), dtype=dt, device=dev))).sum(1)   # g . z_i
+    # g . z_i = sum_j p_j c_j: the rest's share exp(L_rest - lse) times its softmax-weighted c, plus S's
+    zg = torch.where(has_rest, torch.exp(L_rest - lse[:, 0]) * cbar_rest, zero) + wK.sum(1)
     out["head_contribution"] = zg
 
     # gradient estimates of the score ablation (docs/quantities.md, "Gradient estimates"); NaN under knockout
     if score_ablation == "mean":
         da = abar[:, None] - aK                                           # a'_j - a_j
         dmda = pK * (cK - zg[:, None])
-        s = torch.softmax(am / temperature, 1)
-        sc = (s * torch.where(mask, c, torch.zeros((), dtype=dt, device=dev))).sum(1)
-        d_tsg = s.gather(1, keys) * (cK - sc[:, None])
+        # the softmax at temperature T: exp((a_j - lse) / T) <= 1 never overflows, its largest term is at least
+        # n^(-1/T), so the normaliser is formed without a max pass
+        s_un = torch.exp((am - lse) * (1.0 / temperature))
+        s_den = s_un.sum(1)
+        sc = torch.einsum("rn,rn->r", s_un, c0) / s_den
+        d_tsg = (s_un.gather(1, keys) / s_den[:, None]) * (cK - sc[:, None])
         out["grad_estimates"] = -dmda * da
         out["tsg_estimates"] = -d_tsg * da
     else:
@@ -174,7 +193,6 @@ def row_effects(
         out["value_similarity"] = cos[:, iu[0], iu[1]].mean(1)
     if v_keys is not None and v_rest is not None:
         # z' - z = -(sum_j (p_j - p'_j) v_j) for the individual and joint ablations
-        which = torch.cat([single, torch.tensor([B - 1], device=dev)])
         sg = sign[:, which]                                               # [R, k+1]
         rest_fac = torch.where(has_rest[:, None], torch.exp(L_rest[:, None] - lse + log_abs_rho[:, which]),
                                torch.zeros((), dtype=dt, device=dev))     # [R, k+1]
@@ -204,7 +222,9 @@ def local_effects(
     ``mask`` unmasked keys, ``keys`` the group S per row (its order is kept). Returns
     tensors keyed like the columns of ``SelfRepairResult.groups`` (``effects``,
     ``effect_joint``, ``shapley``, ``value_effects``, ``grad_estimate``, ...), plus
-    ``subset_effects`` [R, 2^k] (subset ``s`` = the keys whose bit is set in ``s``) and
+    ``subset_effects`` [R, 2^k] (subset ``s`` = the keys whose bit is set in ``s``), ``key_changes``
+    [R, k+1, k] (``p_i - p'_i`` at the keys of S under each individual ablation, then the joint one),
+    ``c_rest`` [R] (the p-weighted mean of c over the keys outside S that enter the mean) and
     ``z_deltas`` [R, k+1, d] (z' - z of the individual ablations, then the joint one). ``score_ablation``:
     ``"mean"`` or ``"knockout"`` (the old keyword ``ablation=`` still works, with a DeprecationWarning).
     """
@@ -281,13 +301,19 @@ def select_keys(
         return idx, torch.zeros(0, k, dtype=torch.long, device=w.device)
     bi, hi, qi = idx.unbind(1)
     kr = key[bi, hi, qi]                                                   # [R, n]
-    # the k largest, ties to the lower position (what a stable sort of -key gives), without sorting whole rows:
-    # every key above the k-th largest value t, then the lowest positions among the keys equal to t
-    t = kr.topk(k, dim=1).values[:, k - 1:k]
-    above = kr > t
-    at_t = kr == t
-    chosen = above | (at_t & (at_t.cumsum(1) <= k - above.sum(1, keepdim=True)))
-    pos = chosen.nonzero()[:, 1].reshape(len(kr), k)                       # ascending positions, k per row
+    # the k largest, ties to the lower position (what a stable sort of -key gives), without sorting whole rows.
+    # topk's set is that set wherever exactly k keys reach the k-th largest value t; rows where more keys
+    # equal t (a tie across the boundary) take every key above t, then the lowest positions among those at t
+    top_v, top_i = kr.topk(k, dim=1)
+    t = top_v[:, k - 1:k]
+    pos = top_i.sort(dim=1).values                                         # ascending positions, k per row
+    tied = ((kr >= t).sum(1) > k).nonzero().squeeze(1)
+    if tied.numel():
+        kt, tt = kr[tied], t[tied]
+        above = kt > tt
+        at_t = kt == tt
+        chosen = above | (at_t & (at_t.cumsum(1) <= k - above.sum(1, keepdim=True)))
+        pos[tied] = chosen.nonzero()[:, 1].reshape(len(kt), k)
     order = torch.sort(-kr.gather(1, pos), dim=1, stable=True).indices    # largest first, ties: lower position
     return idx, pos.gather(1, order)
 

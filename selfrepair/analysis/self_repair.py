@@ -82,8 +82,8 @@ from ..engine.edits import ZEdits, measure_z_edits, prepare_clean
 from ..models.probe import resolve_backend
 from ..tasks import Task, bos_id, validate_task
 from .checkpoint import BatchCheckpoint
-from .decomposition import (c_ratio, concealment, mass_interaction, n_clusters_from_pairs, n_contributing, output_basis,
-                            pattern_changes, permutation_p, similar_pairs, value_similarity_out)
+from .decomposition import (KeyChanges, c_ratio, concealment, mass_interaction, n_clusters_from_pairs, n_contributing,
+                            output_basis, permutation_p, similar_pairs, value_similarity_out)
 from .identity import model_hash, task_hash, versions
 from .results import BASE_COLUMNS, BOOL_COLUMNS, INT_COLUMNS, TUPLE_COLUMNS, SelfRepairResult, empty_groups
 from .rows import (ABLATIONS, MAX_K, SELECT_MODES, VALUE_ABLATIONS, check_mode, check_temperature, interaction_ratio,
@@ -403,20 +403,26 @@ def _analyze_batch(model, backend, task: Task, offset: int, *, layers, heads, k,
             groups = [(idx, keys)] if idx.numel() else []
         if l != pairs_layer:
             W_O = head_output_weights(model, l).to(device=dev, dtype=f64)                        # [h, d, d_model]
-            pairs_of, pairs_layer = _pairs_of_layer(run.values[l], W_O, cluster_similarity), l
+            basis_of = _bases_of_layer(W_O)
+            pairs_of, pairs_layer = _pairs_of_layer(run.values[l], basis_of, cluster_similarity), l
         for idx, keys in groups:
             bi, hi, qb_i = idx.unbind(1)                                                         # qb_i: in the block
-            o = _group_rows(a, v, c, w, bi, hi, qb_i, keys, m_blk, sel_blk, W_O, pairs_of, score_ablation=score_ablation,
+            o = _group_rows(a, v, c, w, bi, hi, qb_i, keys, m_blk, sel_blk, W_O, basis_of, pairs_of,
+                            score_ablation=score_ablation,
                             value_ablation=value_ablation, temperature=temperature, global_effects=global_effects,
                             min_contribution=min_contribution, select=select, exclude_bos=exclude_bos,
                             min_effect=min_effect, cluster_similarity=cluster_similarity)
             qi = qb_i + q0                                                                       # query position
-            pa, pm, pc, pmm = (_pad_keys(o.pop(x), n) for x in ("_a", "_m", "_c", "_mm"))      # as without blocks
-            o["permutation_p"] = _permutation_p_rows(
-                pa, pm, pc, keys, pmm, bi + offset, hi, qi, torch.minimum(run.lengths[bi], qi + 1), l,
-                score_ablation=score_ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
-                exclude_bos=exclude_bos) if n_permutations else torch.full((len(bi),), float("nan"), dtype=f64,
-                                                                           device=dev)
+            rows_ = [o.pop(x) for x in ("_a", "_m", "_c", "_mm")]
+            if n_permutations:
+                pa, pm, pc, pmm = (_pad_keys(x, n) for x in rows_)                                 # as without blocks
+                o["permutation_p"] = _permutation_p_rows(
+                    pa, pm, pc, keys, pmm, bi + offset, hi, qi, torch.minimum(run.lengths[bi], qi + 1), l,
+                    score_ablation=score_ablation, min_effect=min_effect, n_permutations=n_permutations, seed=seed,
+                    exclude_bos=exclude_bos)
+            else:
+                o["permutation_p"] = torch.full((len(bi),), float("nan"), dtype=f64, device=dev)
+            del rows_
             o.update(prompt=bi + offset, layer=torch.full_like(bi, l), head=hi, query=qi, keys=keys,
                      metric=run.metric[bi].to(f64))
             if global_effects:
@@ -479,23 +485,31 @@ def _score_blocks(run, layers):
             yield l, q0, a
 
 
-def _pairs_of_layer(values: Tensor, W_O: Tensor, cluster_similarity: float):
+def _bases_of_layer(W_O: Tensor):
+    """``basis_of(head)``: ``output_basis(W_O[head])`` of one layer, computed when first asked (one QR per head)."""
+    bases: Dict[int, Tensor] = {}
+
+    def basis_of(h: int) -> Tensor:
+        if h not in bases:
+            bases[h] = output_basis(W_O[h])
+        return bases[h]
+    return basis_of
+
+
+def _pairs_of_layer(values: Tensor, basis_of, cluster_similarity: float):
     """``pairs_of(prompt, head)``: the keys of that prompt and head joined in ``n_clusters`` (cosine of their output
     vectors ``v W_O^h`` at least ``cluster_similarity``), from the whole layer's values, computed when first asked."""
     cache: Dict[tuple, Tensor] = {}
-    bases: Dict[int, Tensor] = {}
 
     def pairs_of(b: int, h: int) -> Tensor:
         if (b, h) not in cache:
-            if h not in bases:
-                bases[h] = output_basis(W_O[h])
-            u = values[b, :, h].to(torch.float64) @ bases[h]
+            u = values[b, :, h].to(torch.float64) @ basis_of(h)
             cache[(b, h)] = similar_pairs(u, cluster_similarity=cluster_similarity)
         return cache[(b, h)]
     return pairs_of
 
 
-def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, pairs_of, *, score_ablation, value_ablation, temperature,
+def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, basis_of, pairs_of, *, score_ablation, value_ablation, temperature,
                 global_effects, min_contribution, select, exclude_bos, min_effect, cluster_similarity):
     """The closed-form quantities of R rows of one layer whose groups all have ``keys.shape[1]`` keys."""
     f64 = torch.float64
@@ -527,8 +541,9 @@ def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, pairs_of, *, 
             if key_ != "subset_effects":
                 res.setdefault(key_, []).append(val)
     o = {key_: torch.cat(vals) for key_, vals in res.items()}
-    # what r is made of (docs/quantities.md, "What r is made of") and group sizes ("Group sizes")
-    changes = pattern_changes(a_r, m_r, keys, mm_r, score_ablation)                            # once for both
+    # what r is made of (docs/quantities.md, "What r is made of") and group sizes ("Group sizes"): both read the
+    # pattern changes at the keys of S, which the closed-form kernel has already computed
+    changes = KeyChanges(o.pop("key_changes"), o["p"], o["effects"], o.pop("c_rest"))
     o["mass_interaction"] = mass_interaction(a_r, m_r, keys, mm_r, score_ablation=score_ablation,
                                              min_effect=min_effect, changes=changes)
     cc = concealment(a_r, m_r, c_r, keys, mm_r, score_ablation=score_ablation, min_effect=min_effect,
@@ -541,17 +556,19 @@ def _group_rows(a, v, c, w, bi, hi, qi, keys, mask, sel_mask, W_O, pairs_of, *, 
     key = w_r if select == "positive" else w_r.abs()
     members = (key > min_contribution) & mm_r
     vso = torch.full((R,), float("nan"), dtype=f64, device=a_r.device)
-    ncl = torch.zeros(R, dtype=torch.long, device=a_r.device)
     for h in torch.unique(hi).tolist():
         rows = (hi == h).nonzero().squeeze(1)
-        vso[rows] = value_similarity_out(vK[rows], W_O[h][None])
+        vso[rows] = value_similarity_out(vK[rows], W_O[h][None], basis=basis_of(h))
     # n_clusters: the joined pairs of each (prompt, head) once per layer (pairs_of), then every row at once
+    ncl = members.sum(1)                                       # no joined pair: every member its own cluster
     bh = torch.unique(bi * W_O.shape[0] + hi)
     for x in bh.tolist():
         b_, h_ = divmod(int(x), W_O.shape[0])
-        rows = ((bi == b_) & (hi == h_)).nonzero().squeeze(1)
         pr = pairs_of(b_, h_)
-        ncl[rows] = n_clusters_from_pairs(members[rows], pr[:, pr[1] < n])
+        pr = pr[:, pr[1] < n]
+        if pr.shape[1]:
+            rows = ((bi == b_) & (hi == h_)).nonzero().squeeze(1)
+            ncl[rows] = n_clusters_from_pairs(members[rows], pr)
     o["value_similarity_out"] = vso
     o["n_clusters"] = ncl
     o.update(_a=a_r, _m=m_r, _c=c_r, _mm=mm_r)
@@ -564,9 +581,10 @@ def _to_frame(cat: Dict[str, Tensor], min_effect: float, threshold: float) -> pd
         return x.detach().cpu().numpy()
 
     def tup(x, conv=float):
-        # numpy's tolist gives Python floats (float64 arrays) / ints (int64 arrays) already
+        # numpy's tolist gives Python floats (float64 arrays) / ints (int64 arrays) already; zip over the
+        # columns builds the row tuples in C
         arr = x.detach().cpu().numpy().astype(np.int64 if conv is int else np.float64, copy=False)
-        return list(map(tuple, arr.tolist()))
+        return list(zip(*arr.T.tolist())) if arr.shape[1] else [()] * arr.shape[0]
 
     E = cat["effects"]
     ES = cat["effect_joint"]
@@ -594,12 +612,13 @@ def _to_frame(cat: Dict[str, Tensor], min_effect: float, threshold: float) -> pd
         "n_contributing": np_(cat["n_contributing"]).astype(np.int64),
         "n_clusters": np_(cat["n_clusters"]).astype(np.int64),
     }
-    df = pd.DataFrame({c: (pd.Series(data[c], dtype=object) if c in TUPLE_COLUMNS else data[c])
-                       for c in BASE_COLUMNS}, columns=BASE_COLUMNS)
-    for c in BASE_COLUMNS:
-        if c not in TUPLE_COLUMNS and c not in INT_COLUMNS and c not in BOOL_COLUMNS:
-            df[c] = df[c].astype(np.float64)
-    return df
+    def column(c):
+        if c in TUPLE_COLUMNS:
+            return pd.Series(data[c], dtype=object)
+        if c in INT_COLUMNS or c in BOOL_COLUMNS:
+            return data[c]
+        return np.asarray(data[c], dtype=np.float64)
+    return pd.DataFrame({c: column(c) for c in BASE_COLUMNS}, columns=BASE_COLUMNS)
 
 
 def _global(model, task: Task, edits, metric: Tensor) -> List[tuple]:

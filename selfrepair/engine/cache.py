@@ -30,6 +30,7 @@ on exit, also on errors; the user's own hooks are left alone.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -46,16 +47,14 @@ from ..tasks import Task, validate_task
 from .forward import FastMismatch, FastModel, fast_support, has_user_forward_hooks, weights_key
 
 
-@dataclass
-class CachedRun:
-    """Activations and gradients of one batch, for the requested layers only."""
+@dataclass(kw_only=True)
+class BatchRun:
+    """What every run of one batch holds, for the requested layers only: the values, ``dm/dz``, the metric, the
+    key mask and the prompts' lengths and metric positions (``CachedRun`` adds the cached scores, ``StreamedRun``
+    the q and k it recomputes them from); built with keywords."""
 
     layers: tuple
-    score_site: str                                   # "scores" or "pattern" (scores = log p)
-    scores: Dict[int, Float[Tensor, "batch head qpos kpos"]]
-    pattern: Dict[int, Float[Tensor, "batch head qpos kpos"]]
     values: Dict[int, Float[Tensor, "batch kpos head d_head"]]
-    z: Dict[int, Float[Tensor, "batch qpos head d_head"]]
     grad_z: Optional[Dict[int, Float[Tensor, "batch qpos head d_head"]]]
     metric: Float[Tensor, "batch"]
     mask: Bool[Tensor, "batch qpos kpos"]
@@ -63,12 +62,23 @@ class CachedRun:
     positions: Int[Tensor, "batch"]
     n_heads: int
     n_kv_heads: int
+    score_site: str = "scores"                        # "scores" or "pattern" (scores = log p)
     # unmasked keys whose pattern underflowed to 0 on a "pattern" score site (log p clamped)
     n_underflow: Dict[int, int] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
         return int(self.metric.shape[0])
+
+
+@dataclass(kw_only=True)
+class CachedRun(BatchRun):
+    """Activations and gradients of one batch, for the requested layers only (the fields of ``BatchRun`` plus
+    the cached scores, pattern and z)."""
+
+    scores: Dict[int, Float[Tensor, "batch head qpos kpos"]]
+    pattern: Dict[int, Float[Tensor, "batch head qpos kpos"]]
+    z: Dict[int, Float[Tensor, "batch qpos head d_head"]]
 
     def rows(self, prompt, layer: int, head, query) -> tuple:
         """The tensors of rows ``(prompt, layer, head, query)`` (prompt indices within this run), shaped for
@@ -302,29 +312,18 @@ class StreamMismatch(RuntimeError):
     ``cached_run``)."""
 
 
-@dataclass
-class StreamedRun:
-    """What the analysis needs of one batch without any ``[head, q, k]`` tensor kept: q and k at the hooks the
-    probe found to reproduce the scores (``Backend.score_q_hook`` / ``score_k_hook``, ``attn_scale``), the
-    values, ``dm/dz``, the metric and the key mask. ``score_blocks(layer)`` recomputes the scores
+@dataclass(kw_only=True)
+class StreamedRun(BatchRun):
+    """What the analysis needs of one batch without any ``[head, q, k]`` tensor kept (the fields of ``BatchRun``
+    plus q and k at the hooks the probe found to reproduce the scores: ``Backend.score_q_hook`` /
+    ``score_k_hook``, ``attn_scale``). ``score_blocks(layer)`` recomputes the scores
     ``a = q . k / attn_scale`` in blocks of queries (keys beyond the block's last query are masked for
     every query of the block, so a block holds only keys ``0 .. q1 - 1``)."""
 
-    layers: tuple
     q: Dict[int, Float[Tensor, "batch qpos head d_head"]]
     k: Dict[int, Float[Tensor, "batch kpos kv_head d_head"]]
-    values: Dict[int, Float[Tensor, "batch kpos head d_head"]]
-    grad_z: Dict[int, Float[Tensor, "batch qpos head d_head"]]
-    metric: Float[Tensor, "batch"]
-    mask: Bool[Tensor, "batch qpos kpos"]
-    lengths: Int[Tensor, "batch"]
-    positions: Int[Tensor, "batch"]
-    n_heads: int
-    n_kv_heads: int
     kv_head_of: tuple
     attn_scale: float
-    score_site: str = "scores"
-    n_underflow: Dict[int, int] = field(default_factory=dict)
     #: bridge forward: largest |recomputed - hooked| score at the checked rows, relative to the row's max
     #: |q_i| |k_j| / scale; own forward: largest |own - bridge| of q, k, v and dm/dz on the checked prefix,
     #: relative to the bridge's largest magnitude of each
@@ -335,10 +334,6 @@ class StreamedRun:
     #: own forward: "full" (q, k, v, dm/dz on an OWN_CHECK_TOKENS prefix: the first call per model and settings)
     #: or "spot" (q, k, v and the metric on an OWN_SPOT_TOKENS prefix, forward only: every later call)
     check_mode: str = ""
-
-    @property
-    def batch(self) -> int:
-        return int(self.metric.shape[0])
 
     def scores_rows(self, layer: int, q0: int, q1: int, n_keys: Optional[int] = None
                     ) -> Float[Tensor, "batch head qrows kpos"]:
@@ -353,17 +348,28 @@ class StreamedRun:
         """``(q0, q1, scores [batch, head, q1 - q0, q1])`` over consecutive blocks of queries, each block holding at
         most about ``max_elements`` scores (default ``2**20``); every block is computed when asked for."""
         n = int(self.mask.shape[1])
-        budget = int(max_elements or 2 ** 20)
-        per_key = self.batch * self.n_heads
-        q0 = 0
-        while q0 < n:
-            # the largest q1 with (q1 - q0) * q1 * per_key <= budget (at least one query)
-            q1 = q0 + 1
-            step = max(1, n // 64)
-            while q1 < n and (min(q1 + step, n) - q0) * min(q1 + step, n) * per_key <= budget:
-                q1 = min(q1 + step, n)
+        for q0, q1 in query_blocks(n, self.batch * self.n_heads, max_elements):
             yield q0, q1, self.scores_rows(layer, q0, q1, q1)
-            q0 = q1
+
+
+def query_blocks(n: int, per_key: int, max_elements: Optional[int] = None) -> list:
+    """Consecutive blocks ``(q0, q1)`` of ``n`` queries for ``StreamedRun.score_blocks``: each block's scores
+    ``[per_key, q1 - q0, q1]`` hold at most ``max_elements`` (default ``2**20``) entries, or one query where
+    a single query exceeds that: ``q1`` is the largest with ``(q1 - q0) * q1 * per_key <= max_elements``."""
+    budget = int(max_elements or 2 ** 20)
+    per_key = max(1, int(per_key))
+    out, q0 = [], 0
+    while q0 < n:
+        # the positive root of q1^2 - q0 q1 - budget / per_key = 0, then corrected for rounding
+        q1 = int((q0 + math.sqrt(q0 * q0 + 4.0 * budget / per_key)) // 2)
+        while q1 > q0 + 1 and (q1 - q0) * q1 * per_key > budget:
+            q1 -= 1
+        while q1 < n and (q1 + 1 - q0) * (q1 + 1) * per_key <= budget:
+            q1 += 1
+        q1 = min(max(q1, q0 + 1), n)
+        out.append((q0, q1))
+        q0 = q1
+    return out
 
 
 def can_stream(backend) -> bool:
