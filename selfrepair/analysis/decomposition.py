@@ -63,23 +63,24 @@ def _chunk(k: int, n: int) -> int:
     return max(1, _BUDGET // ((2 ** k) * (k + 2) + n))
 
 
-def _effects(a, mask, c, keys, mean_mask, score_ablation: str):
-    """Individual effects [R, k], joint effect [R] and contributions w_S [R, k] from the kernel, in chunks."""
+def _kernel(a, mask, c, keys, mean_mask, score_ablation: str, names: Sequence[str]) -> list:
+    """The ``names`` outputs of the closed-form kernel (``row_effects``) for R rows, run in chunks of rows (one
+    call on the empty rows when R = 0, which gives the empty shapes)."""
     R, n = a.shape
     step = _chunk(keys.shape[1], n)
-    E, ES, W = [], [], []
-    for s in range(0, R, step):
+    parts: list = [[] for _ in names]
+    for s in range(0, max(R, 1), step):
         sl = slice(s, s + step)
         o = row_effects(a[sl], mask[sl], c[sl], keys[sl], mean_mask[sl], score_ablation=score_ablation,
                         value_ablation="zero", temperature=1.0)
-        E.append(o["effects"])
-        ES.append(o["effect_joint"])
-        W.append(o["contributions"])
-    if R == 0:
-        k = keys.shape[1]
-        z = a.new_zeros(0, k)
-        return z, a.new_zeros(0), z
-    return torch.cat(E), torch.cat(ES), torch.cat(W)
+        for got, name in zip(parts, names):
+            got.append(o[name])
+    return [torch.cat(x) for x in parts]
+
+
+def _effects(a, mask, c, keys, mean_mask, score_ablation: str):
+    """Individual effects [R, k], joint effect [R] and contributions w_S [R, k] from the kernel, in chunks."""
+    return tuple(_kernel(a, mask, c, keys, mean_mask, score_ablation, ("effects", "effect_joint", "contributions")))
 
 
 class KeyChanges(NamedTuple):
@@ -107,20 +108,9 @@ def key_changes(
     """``KeyChanges`` of R rows from the closed-form kernel (``row_effects``, log space), in chunks of rows;
     ``c`` (default 0: effects 0) only enters ``effects``."""
     a, mask, c, keys, mean_mask = _rows(a, mask, c, keys, mean_mask)
-    R, n = a.shape
-    k = keys.shape[1]
     if c is None:
         c = torch.zeros_like(a)
-    if R == 0:
-        return KeyChanges(a.new_zeros(0, k + 1, k), a.new_zeros(0, k), a.new_zeros(0, k), a.new_zeros(0))
-    step = _chunk(k, n)
-    parts = []
-    for s in range(0, R, step):
-        sl = slice(s, s + step)
-        o = row_effects(a[sl], mask[sl], c[sl], keys[sl], mean_mask[sl], score_ablation=score_ablation,
-                        value_ablation="zero", temperature=1.0)
-        parts.append((o["key_changes"], o["p"], o["effects"], o["c_rest"]))
-    return KeyChanges(*(torch.cat(x) for x in zip(*parts)))
+    return KeyChanges(*_kernel(a, mask, c, keys, mean_mask, score_ablation, ("key_changes", "p", "effects", "c_rest")))
 
 
 def mass_interaction(
@@ -174,7 +164,6 @@ def concealment(
     """
     score_ablation = _score_ablation(deprecated, score_ablation, "concealment")
     a, mask, c, keys, mean_mask = _rows(a, mask, c, keys, mean_mask)
-    R, n = a.shape
     k = keys.shape[1]
     # every effect is linear in c (the scores are fixed): E_j = sum_i (p_i - p'^(j)_i) c_i with the pattern changes
     # of the kernel; E0_j, the same with the other keys of S carrying c_rest, differs from E_j only on those keys:
